@@ -1,0 +1,197 @@
+"""Generate digits from a trained checkpoint.
+
+    python sample.py --config config/default.yaml                     # last checkpoint, config's sampler
+    python sample.py --config config/default.yaml --from_val True     # best-validation checkpoint
+    python sample.py --config config/default.yaml --sampler dpm++ --steps 20 --save_images out/
+
+The model is rebuilt from the config stored in the checkpoint and runs with its EMA
+weights. Image i depends only on --seed and i, never on the batch size or on how
+many images are asked for: each image has its own random-number generator.
+"""
+
+import argparse
+import hashlib
+import os
+import sys
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from configuration import ConfigError, load_config, pick_device, str2bool
+from linear_noise_scheduler import LinearNoiseScheduler, timestep_list
+from mnist import to_uint8
+from unet import UNet
+
+SAMPLERS = ["ddpm", "ddim", "dpm++"]
+
+
+def build(cfg, device="cpu"):
+    """Model and scheduler from a resolved config (the sections map 1:1 to the constructors)."""
+    return UNet(**cfg["model"]).to(device), LinearNoiseScheduler(**cfg["diffusion"]).to(device)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found: train first with "
+                                "`python train.py --config config/default.yaml`, or pass --ckpt")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_model(ckpt_path, device="cpu"):
+    """(model with EMA weights in eval mode, scheduler, config) from a checkpoint."""
+    ckpt = load_checkpoint(ckpt_path)
+    model, scheduler = build(ckpt["config"], device)
+    model.load_state_dict(ckpt["ema"])
+    return model.eval(), scheduler, ckpt["config"]
+
+
+def image_seed(seed, i):
+    """Seed of image i's generator. torch's CPU generator keeps only 32 bits of a seed,
+    so (seed, i) is hashed into 32 bits rather than packed as seed << 32 | i."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=4).digest(), "little")
+
+
+def _randn(generators, shape, device):
+    """One draw per image from that image's own generator (CPU, so results match on every device)."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+@torch.inference_mode()
+def generate(model, scheduler, num_samples, *, seed=0, batch_size=256, sampler="ddim", steps=50, eta=0.0,
+             device="cpu", progress=True, record=None):
+    """num_samples images (float, (N, C, H, W) in [-1, 1], on the CPU).
+
+    sampler: "ddpm" (ancestral, DDPM eq. 11 / respaced posterior), "ddim" (DDIM eq. 12 with eta)
+    or "dpm++" (DPM-Solver++(2M)); steps: network evaluations per image (None = all T).
+    record(index, x_t, x0_pred), if given, is called for the first batch at every step.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    shape = (model.in_channels, model.image_size, model.image_size)
+    ts = timestep_list(scheduler.num_timesteps, steps or scheduler.num_timesteps)
+    prevs = ts[1:] + [-1]
+    out = []
+    bar = tqdm(total=num_samples * len(ts), desc=f"{sampler} x{len(ts)}", unit="img-step",
+               disable=not progress, leave=False)
+    for start in range(0, num_samples, batch_size):
+        idx = range(start, min(start + batch_size, num_samples))
+        gens = [torch.Generator().manual_seed(image_seed(seed, i)) for i in idx]
+        x = _randn(gens, shape, device)
+        x0_last = t_last = None
+        for k, (t, t_prev) in enumerate(zip(ts, prevs)):
+            eps = model(x, torch.full((len(idx),), t, device=device, dtype=torch.long))
+            x0 = scheduler.predict_x0(x, eps, t).clamp(-1.0, 1.0)
+            if record is not None and start == 0:
+                record(k, x, x0)
+            if sampler == "ddpm":
+                x = scheduler.ddpm_step(x, eps, t, t_prev, _randn(gens, shape, device))
+            elif sampler == "ddim":
+                x = scheduler.ddim_step(x, eps, t, t_prev, eta, _randn(gens, shape, device) if eta > 0 else None)
+            else:
+                x = scheduler.dpm_solver_pp_step(x, x0, t, t_prev, x0_last, t_last)
+                x0_last, t_last = x0, t
+            bar.update(len(idx))
+        out.append(x.clamp(-1.0, 1.0).cpu())
+    bar.close()
+    return torch.cat(out)
+
+
+def make_grid(images, nrow=8, pad=2, scale=2):
+    """PIL grid of images in [-1, 1] shaped (N, 1, H, W); white padding between cells."""
+    pixels = to_uint8(images)[:, 0]
+    n, h, w = pixels.shape
+    rows = (n + nrow - 1) // nrow
+    grid = torch.full((rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = pixels[i]
+    img = Image.fromarray(grid.numpy(), mode="L")
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale != 1 else img
+
+
+def save_atomic(image, path, **kwargs):
+    """Save a PIL image through a temporary file, so a crash never leaves half a PNG."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        image.save(tmp, format=os.path.splitext(path)[1][1:].upper().replace("JPG", "JPEG"), **kwargs)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_denoising(frames, ts, strip_path, gif_path, num_frames=10, num_samples=4):
+    """Strip: for each of num_samples images, a row of x_t and a row of predicted x_0 at chosen steps.
+    GIF: x_t beside predicted x_0 for 16 images at every recorded step."""
+    picks = sorted({round(i * (len(frames) - 1) / max(num_frames - 1, 1)) for i in range(num_frames)})
+    rows = []
+    for s in range(min(num_samples, frames[0][0].shape[0])):
+        rows += [frames[k][0][s] for k in picks] + [frames[k][1][s] for k in picks]
+    save_atomic(make_grid(torch.stack(rows), nrow=len(picks)), strip_path)
+    gif = []
+    for x_t, x0 in frames:
+        gif.append(make_grid(torch.cat([x_t[:16], x0[:16]]), nrow=8))
+    save_atomic(gif[0], gif_path, save_all=True, append_images=gif[1:] + [gif[-1]] * 10, duration=80, loop=0)
+    print(f"denoising strip (x_t and predicted x_0 at t = {[ts[k] for k in picks]}): {strip_path}; GIF: {gif_path}")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="config/default.yaml", help="config whose train.out_dir holds the checkpoint")
+    p.add_argument("--ckpt", help="checkpoint path (default: <out_dir>/last.pt, or best.pt with --from_val True)")
+    p.add_argument("--from_val", type=str2bool, default=False, help="use the best-validation checkpoint")
+    p.add_argument("--sampler", choices=SAMPLERS, help="default: sample.sampler of the config")
+    p.add_argument("--steps", type=int, help="network evaluations per image (default: sample.steps; "
+                                             "all T for ddpm)")
+    p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: sample.eta)")
+    p.add_argument("--num_samples", type=int, help="default: sample.num_samples")
+    p.add_argument("--batch_size", type=int, help="default: sample.batch_size")
+    p.add_argument("--seed", type=int, help="default: sample.seed")
+    p.add_argument("--out", help="grid PNG (default: <out_dir>/samples_<sampler>_<steps>.png)")
+    p.add_argument("--save_images", metavar="DIR", help="also write one 28x28 PNG per sample into DIR")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_config(args.config)
+    out_dir = cfg["train"]["out_dir"]
+    ckpt_path = args.ckpt or os.path.join(out_dir, "best.pt" if args.from_val else "last.pt")
+    device = pick_device(args.device)
+    model, scheduler, _ = load_model(ckpt_path, device)
+    s = {**cfg["sample"], **{k: v for k, v in vars(args).items() if k in cfg["sample"] and v is not None}}
+    if args.sampler == "ddpm" and args.steps is None:
+        s["steps"] = scheduler.num_timesteps
+    if not 1 <= s["steps"] <= scheduler.num_timesteps:
+        raise ConfigError(f"--steps must be in [1, {scheduler.num_timesteps}], got {s['steps']}")
+    if s["num_samples"] < 1 or s["batch_size"] < 1:
+        raise ConfigError("--num_samples and --batch_size must be >= 1")
+    if s["eta"] < 0:
+        raise ConfigError(f"--eta must be >= 0, got {s['eta']}")
+    frames = []
+    images = generate(model, scheduler, s["num_samples"], seed=s["seed"], batch_size=s["batch_size"],
+                      sampler=s["sampler"], steps=s["steps"], eta=s["eta"], device=device,
+                      record=lambda k, x_t, x0: frames.append((x_t[:16].cpu(), x0[:16].cpu())))
+    tag = f"{s['sampler']}_{s['steps']}".replace("+", "p")
+    grid_path = args.out or os.path.join(os.path.dirname(ckpt_path), f"samples_{tag}.png")
+    save_atomic(make_grid(images, nrow=min(8, len(images)) if len(images) < 64 else int(len(images) ** 0.5)),
+                grid_path)
+    print(f"{len(images)} samples ({s['sampler']}, {s['steps']} steps, seed {s['seed']}) from {ckpt_path}: {grid_path}")
+    ts = timestep_list(scheduler.num_timesteps, s["steps"])
+    base = os.path.splitext(grid_path)[0]
+    save_denoising(frames, ts, f"{base}_strip.png", f"{base}_denoising.gif")
+    if args.save_images:
+        os.makedirs(args.save_images, exist_ok=True)
+        for i, img in enumerate(images):
+            save_atomic(make_grid(img[None], nrow=1, pad=0, scale=1), os.path.join(args.save_images, f"{i:05d}.png"))
+        print(f"{len(images)} PNGs (28x28, grayscale): {args.save_images}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,130 @@
+"""End to end on a tiny model and synthetic data: train, sample, resume, reproducibility, failures."""
+
+import csv
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train
+from configuration import ConfigError, load_config
+from sample import build, generate, load_model
+
+
+def run_dir(config):
+    return load_config(config)["train"]["out_dir"]
+
+
+def test_train_then_sample_end_to_end(tiny_config, tmp_path, capsys):
+    train.main(["--config", tiny_config, "--val", "True"])
+    out = run_dir(tiny_config)
+    for name in ["last.pt", "best.pt", "log.csv", "val.csv", "config.yaml", "samples/step_000003.png",
+                 "samples/step_000006.png"]:
+        assert os.path.exists(os.path.join(out, name)), name
+    rows = list(csv.DictReader(open(os.path.join(out, "log.csv"))))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "lr", "grad_norm", "img_per_s"} <= set(rows[0])
+    val = list(csv.DictReader(open(os.path.join(out, "val.csv"))))
+    assert [int(r["step"]) for r in val] == [3, 6]
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert ckpt["step"] == 6 and {"model", "ema", "optimizer", "rng", "config"} <= set(ckpt)
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+    images = tmp_path / "pngs"
+    sample.main(["--config", tiny_config, "--num_samples", "5", "--save_images", str(images), "--sampler", "ddpm",
+                 "--steps", "20"])
+    pngs = sorted(os.listdir(images))
+    assert len(pngs) == 5
+    img = Image.open(images / pngs[0])
+    assert img.size == (28, 28) and img.mode == "L"
+    for name in ["samples_ddpm_20.png", "samples_ddpm_20_strip.png", "samples_ddpm_20_denoising.gif"]:
+        assert os.path.exists(os.path.join(out, name)), name
+    sample.main(["--config", tiny_config, "--from_val", "True", "--num_samples", "2", "--sampler", "dpm++"])
+    assert os.path.exists(os.path.join(out, "samples_dpmpp_4.png"))
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
+    """Keep the step-3 checkpoint of a 6-step run, resume it elsewhere: same final weights."""
+    saved = tmp_path / "resumed"
+    saved.mkdir()
+    real_save = train.save_checkpoint
+
+    def save_and_keep_step_3(path, state):
+        real_save(path, state)
+        if state["step"] == 3 and path.endswith("last.pt"):
+            shutil.copy(path, saved / "last.pt")
+
+    monkeypatch.setattr(train, "save_checkpoint", save_and_keep_step_3)
+    train.main(["--config", tiny_config])
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    train.main(["--config", tiny_config, "--resume", f"--train.out_dir={saved}"])
+
+    full = torch.load(os.path.join(run_dir(tiny_config), "last.pt"), weights_only=True)
+    resumed = torch.load(saved / "last.pt", weights_only=True)
+    assert resumed["step"] == full["step"] == 6
+    for key in ["model", "ema"]:
+        for name, value in full[key].items():
+            assert torch.equal(value, resumed[key][name]), (key, name)
+    rows = list(csv.DictReader(open(saved / "log.csv")))
+    assert [int(r["step"]) for r in rows] == [4, 5, 6]
+
+
+def test_existing_run_is_not_overwritten_silently(tiny_config):
+    train.main(["--config", tiny_config, "--train.steps=3"])
+    with pytest.raises(ConfigError, match="--resume"):
+        train.main(["--config", tiny_config, "--train.steps=3"])
+    train.main(["--config", tiny_config, "--train.steps=3", "--overwrite"])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch):
+    real_loss, calls = train.diffusion_loss, []
+
+    def loss_turning_nan(*args, **kwargs):
+        per_sample, loss = real_loss(*args, **kwargs)
+        calls.append(1)
+        return per_sample, loss * float("nan") if len(calls) > 4 else loss
+
+    monkeypatch.setattr(train, "diffusion_loss", loss_turning_nan)
+    with pytest.raises(train.TrainingDiverged, match=r"nan.*last good checkpoint.*step 3"):
+        train.main(["--config", tiny_config])
+    ckpt = torch.load(os.path.join(run_dir(tiny_config), "last.pt"), weights_only=True)
+    assert ckpt["step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpm++", 0.0)])
+def test_sampling_is_independent_of_batch_size_and_count(tiny_config, sampler, eta):
+    torch.manual_seed(0)
+    model, scheduler = build(load_config(tiny_config))
+    model.eval()
+    kw = dict(seed=7, sampler=sampler, steps=5, eta=eta, progress=False)
+    all5 = generate(model, scheduler, 5, batch_size=5, **kw)
+    by2 = generate(model, scheduler, 5, batch_size=2, **kw)
+    first3 = generate(model, scheduler, 3, batch_size=3, **kw)
+    assert torch.allclose(all5, by2, atol=1e-5)
+    assert torch.allclose(all5[:3], first3, atol=1e-5)
+    other_seed = generate(model, scheduler, 3, batch_size=3, **dict(kw, seed=8))
+    assert not torch.allclose(first3, other_seed)
+    assert all5.min() >= -1 and all5.max() <= 1
+
+
+def test_sample_uses_ema_weights_and_rebuilds_from_checkpoint(tiny_config):
+    train.main(["--config", tiny_config, "--train.steps=3"])
+    path = os.path.join(run_dir(tiny_config), "last.pt")
+    model, _, cfg = load_model(path)
+    ckpt = torch.load(path, weights_only=True)
+    assert cfg == ckpt["config"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, ckpt["ema"][name])
+
+
+def test_command_line_errors_are_messages(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key"):
+        train.main(["--config", tiny_config, "--train.nope=1"])
+    with pytest.raises(FileNotFoundError, match="train first"):
+        sample.main(["--config", tiny_config])
+    with pytest.raises(ConfigError, match="not found"):
+        train.main(["--config", str(tmp_path / "missing.yaml")])

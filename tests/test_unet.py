@@ -1,0 +1,54 @@
+"""The network: shapes, dependence on t, and clear errors for configs that cannot build."""
+
+import pytest
+import torch
+
+from configuration import ConfigError, load_config
+from unet import UNet
+
+TINY = dict(channels=[8, 16], attention=[False, True], num_heads=2, norm_groups=4)
+
+
+@pytest.mark.parametrize("kwargs", [TINY, dict(TINY, channels=[8, 16, 16], attention=[False, False, True],
+                                                num_res_blocks=2, dropout=0.1)])
+def test_output_shape_equals_input_shape(kwargs):
+    model = UNet(**kwargs)
+    x = torch.randn(3, 1, 28, 28)
+    assert model(x, torch.tensor([0, 10, 999])).shape == x.shape
+
+
+def test_output_depends_on_t():
+    torch.manual_seed(0)
+    model = UNet(**TINY).eval()
+    x = torch.randn(1, 1, 28, 28).expand(2, -1, -1, -1)
+    out = model(x, torch.tensor([5, 900]))
+    assert (out[0] - out[1]).abs().max() > 1e-3
+    # and t reaches the output through every path: the gradient w.r.t. the time MLP is non-zero
+    model(x, torch.tensor([5, 900])).pow(2).sum().backward()
+    assert model.time_mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_default_config_builds_and_trains_one_step_quickly():
+    """Guard against the default model growing slow: one CPU training step of the real default config."""
+    cfg = load_config("config/default.yaml")
+    model = UNet(**cfg["model"])
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.randn(cfg["train"]["batch_size"], 1, 28, 28)
+    loss = model(x, torch.randint(0, 1000, (len(x),))).pow(2).mean()
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert sum(p.numel() for p in model.parameters()) < 2_000_000
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    (dict(TINY, channels=[8, 16, 16, 16], attention=[False] * 4), "model.image_size"),  # 28 % 8 != 0
+    (dict(TINY, channels=[8, 18]), "model.norm_groups"),
+    (dict(TINY, attention=[True]), "model.attention"),
+    (dict(TINY, num_heads=3), "model.num_heads"),
+    (dict(TINY, dropout=1.5), "model.dropout"),
+    (dict(TINY, num_res_blocks=0), "model.num_res_blocks"),
+])
+def test_invalid_model_configs_name_the_key(kwargs, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        UNet(**kwargs)

@@ -1,0 +1,160 @@
+"""The denoising network: a Stable-Diffusion-style UNet that predicts eps from (x_t, t).
+
+    x (B, C, 28, 28) -> conv_in -> down levels [ResBlock (+ attention)] x num_res_blocks, downsample
+                     -> mid: ResBlock, attention, ResBlock
+                     -> up levels [concat skip, ResBlock (+ attention)] x (num_res_blocks + 1), upsample
+                     -> GroupNorm, SiLU, conv_out -> eps (B, C, 28, 28)
+
+The timestep enters every ResBlock through a sinusoidal embedding and an MLP.
+No diffusion maths lives here: that is linear_noise_scheduler.py.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from configuration import ConfigError
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017; DDPM appendix B)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm, SiLU, conv; add the projected time embedding; GroupNorm, SiLU, dropout, conv; residual."""
+
+    def __init__(self, in_ch, out_ch, temb_dim, groups, dropout):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H*W positions, with a residual connection."""
+
+    def __init__(self, ch, groups, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w).unbind(1)
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t). Keyword arguments are the `model:` section of the config, one to one.
+
+    channels: width of each resolution level; len(channels) - 1 downsamplings by 2.
+    attention: one bool per level, self-attention after each ResBlock of that level.
+    """
+
+    def __init__(self, image_size=28, in_channels=1, channels=(32, 64, 64), num_res_blocks=1,
+                 attention=(False, False, True), mid_attention=True, num_heads=4, norm_groups=8,
+                 dropout=0.0):
+        super().__init__()
+        check_config(image_size, channels, num_res_blocks, attention, mid_attention, num_heads, norm_groups, dropout)
+        temb_dim = 4 * channels[0]
+        self.image_size, self.in_channels, self.channels = image_size, in_channels, list(channels)
+        self.time_mlp = nn.Sequential(nn.Linear(channels[0], temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+
+        def res(i, o):
+            return ResBlock(i, o, temb_dim, norm_groups, dropout)
+
+        def attn(ch, on):
+            return Attention(ch, norm_groups, num_heads) if on else nn.Identity()
+
+        # Down path: remember the width of every skip it pushes, for the up path.
+        self.down, skips, ch = nn.ModuleList(), [channels[0]], channels[0]
+        for level, width in enumerate(channels):
+            for _ in range(num_res_blocks):
+                self.down.append(nn.ModuleList([res(ch, width), attn(width, attention[level])]))
+                ch = width
+                skips.append(ch)
+            if level < len(channels) - 1:
+                self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+                skips.append(ch)
+
+        self.mid = nn.ModuleList([res(ch, ch), attn(ch, mid_attention), res(ch, ch)])
+
+        self.up = nn.ModuleList()
+        for level, width in reversed(list(enumerate(channels))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(nn.ModuleList([res(ch + skips.pop(), width), attn(width, attention[level])]))
+                ch = width
+            if level > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                             nn.Conv2d(ch, ch, 3, padding=1)))
+        assert not skips, "every skip connection must be consumed"
+        self.out = nn.Sequential(nn.GroupNorm(norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1))
+
+    def forward(self, x, t):
+        temb = self.time_mlp(timestep_embedding(t, self.channels[0]))
+        h = self.conv_in(x)
+        hs = [h]
+        for layer in self.down:
+            if isinstance(layer, nn.ModuleList):
+                h = layer[1](layer[0](h, temb))
+            else:
+                h = layer(h)
+            hs.append(h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, temb)), temb)
+        for layer in self.up:
+            if isinstance(layer, nn.ModuleList):
+                h = layer[1](layer[0](torch.cat([h, hs.pop()], dim=1), temb))
+            else:
+                h = layer(h)
+        return self.out(h)
+
+
+def check_config(image_size, channels, num_res_blocks, attention, mid_attention, num_heads, norm_groups, dropout):
+    """Reject combinations that cannot build or run, naming the config key to change."""
+    if not channels or any(int(c) != c or c < 1 for c in channels):
+        raise ConfigError(f"model.channels must be a non-empty list of positive ints, got {channels}")
+    factor = 2 ** (len(channels) - 1)
+    if image_size % factor:
+        levels = max(i for i in range(len(channels)) if image_size % 2**i == 0) + 1
+        raise ConfigError(f"model.image_size {image_size} is not divisible by 2**{len(channels) - 1} = {factor} "
+                          f"(one downsampling between each of the {len(channels)} levels of model.channels): "
+                          f"use at most {levels} levels")
+    if channels[0] % 2:
+        raise ConfigError(f"model.channels[0] = {channels[0]} must be even (it sizes the sinusoidal time embedding)")
+    for c in channels:
+        if c % norm_groups:
+            raise ConfigError(f"model.channels entry {c} is not divisible by model.norm_groups = {norm_groups}")
+    if len(attention) != len(channels):
+        raise ConfigError(f"model.attention needs one bool per level of model.channels "
+                          f"({len(channels)}), got {len(attention)}")
+    for c, on in zip(channels, attention):
+        if on and c % num_heads:
+            raise ConfigError(f"model.channels entry {c} has attention but is not divisible by "
+                              f"model.num_heads = {num_heads}")
+    if mid_attention and channels[-1] % num_heads:
+        raise ConfigError(f"model.channels[-1] = {channels[-1]} (mid attention) is not divisible by "
+                          f"model.num_heads = {num_heads}")
+    if num_res_blocks < 1:
+        raise ConfigError(f"model.num_res_blocks must be >= 1, got {num_res_blocks}")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {dropout}")
