@@ -1,0 +1,146 @@
+"""Speed of a config on this machine: training and sampling throughput, FLOPs, memory.
+
+    python benchmark.py --config config/default.yaml [--device cpu] [--json runs/benchmark.json]
+
+Measures, on random data shaped like MNIST (the numbers do not depend on the data):
+  - training images/s: forward, backward, gradient clipping, AdamW step and EMA update,
+    exactly the step train.py runs;
+  - sampling images/s per network evaluation (one forward pass of the batch);
+  - FLOPs per image of a training step and of a forward pass (torch's FlopCounterMode:
+    matmuls and convolutions, the bulk of the work);
+  - the machine's fp32 matmul throughput (2048 x 2048), and the share of it training reaches;
+  - peak memory (CUDA: max allocated; CPU: the process's peak resident set).
+"""
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from configuration import ConfigError, load_config, pick_device, split_overrides
+from sample import build
+from train import diffusion_loss, ema_update
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, min_seconds, warmup=2):
+    """Seconds per call of fn, after warm-up, over at least min_seconds."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    n, start = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - start < min_seconds:
+        fn()
+        n += 1
+    sync(device)
+    return (time.perf_counter() - start) / n
+
+
+def matmul_gflops(device, min_seconds):
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    return 2 * 2048**3 / timed(lambda: a @ b, device, min_seconds) / 1e9
+
+
+def benchmark(cfg, device, min_seconds=5.0, batch_size=None):
+    t = cfg["train"]
+    bs = batch_size or t["batch_size"]
+    model, scheduler = build(cfg, device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
+    x0 = torch.rand(bs, model.in_channels, model.image_size, model.image_size, device=device) * 2 - 1
+    steps = torch.randint(0, scheduler.num_timesteps, (bs,), device=device)
+
+    def train_step():
+        _, loss = diffusion_loss(model, scheduler, x0, steps, torch.randn_like(x0), t["loss_weighting"],
+                                 t["min_snr_gamma"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"] or float("inf"))
+        opt.step()
+        ema_update(ema, model, t["ema_decay"])
+
+    sample_bs = cfg["sample"]["batch_size"]
+    xs = torch.randn(sample_bs, *x0.shape[1:], device=device)
+    ts = torch.full((sample_bs,), scheduler.num_timesteps // 2, device=device)
+
+    def forward():
+        with torch.inference_mode():
+            ema(xs, ts)
+
+    with FlopCounterMode(display=False) as counter:
+        train_step()
+    train_flops = counter.get_total_flops() / bs
+    with FlopCounterMode(display=False) as counter:
+        forward()
+    fwd_flops = counter.get_total_flops() / sample_bs
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    train_s = timed(train_step, device, min_seconds)
+    sample_s = timed(forward, device, min_seconds)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak_gflops = matmul_gflops(device, min_seconds / 2)
+    achieved = train_flops * bs / train_s / 1e9
+    return {
+        "device": str(device), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "params": sum(p.numel() for p in model.parameters()),
+        "train_batch_size": bs, "train_img_per_s": bs / train_s,
+        "sample_batch_size": sample_bs, "sample_img_per_s_per_eval": sample_bs / sample_s,
+        "train_gflop_per_img": train_flops / 1e9, "forward_gflop_per_img": fwd_flops / 1e9,
+        "train_gflop_per_s": achieved, "matmul_fp32_gflop_per_s": peak_gflops,
+        "share_of_matmul_peak": achieved / peak_gflops, "peak_memory_mb": peak / 2**20,
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="config/default.yaml")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda")
+    p.add_argument("--seconds", type=float, default=5.0, help="minimum timing per measurement")
+    p.add_argument("--json", help="also write the numbers here (default: print only)")
+    rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(rest)
+    cfg = load_config(args.config, overrides)
+    if cfg["train"]["num_threads"]:
+        torch.set_num_threads(cfg["train"]["num_threads"])
+    r = benchmark(cfg, pick_device(args.device), args.seconds)
+    r["config"] = args.config
+    print(f"{args.config} on {r['device']} ({r['cpu']}, {r['threads']} threads, torch {r['torch']})")
+    rows = [("parameters", f"{r['params'] / 1e6:.2f} M"),
+            (f"training images/s (batch {r['train_batch_size']})", f"{r['train_img_per_s']:.0f}"),
+            (f"sampling images/s per network evaluation (batch {r['sample_batch_size']})",
+             f"{r['sample_img_per_s_per_eval']:.0f}"),
+            ("training GFLOP per image (fwd + bwd)", f"{r['train_gflop_per_img']:.3f}"),
+            ("forward GFLOP per image", f"{r['forward_gflop_per_img']:.3f}"),
+            ("training GFLOP/s achieved", f"{r['train_gflop_per_s']:.1f}"),
+            ("fp32 matmul GFLOP/s (2048^2) on this machine", f"{r['matmul_fp32_gflop_per_s']:.1f}"),
+            ("share of matmul peak reached by training", f"{100 * r['share_of_matmul_peak']:.0f} %"),
+            ("peak memory", f"{r['peak_memory_mb']:.0f} MB")]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=2)
+        print(f"wrote {args.json}")
+    return r
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,558 @@
+"""Score generated MNIST digits against real ones.
+
+    python evaluate.py --ckpt runs/x/ckpt.pt [--sampler ddim --steps 50 --eta 0.0]
+    python evaluate.py --images some/folder/of/pngs
+
+Inception features mean little on 28x28 digits, so every feature-based metric
+here lives in the 128-d penultimate layer of a small CNN trained on the MNIST
+train split. It is trained once (1.5 minutes on 2 idle CPU cores) and cached as
+<data>/classifier.pt. Metrics, each for the samples and for real data:
+
+    fid              Frechet distance between Gaussians fitted to the features
+    kid              unbiased MMD^2, cubic polynomial kernel (Binkowski et al. 2018),
+                     on features divided by the RMS of the real ones
+    precision        share of samples inside the manifold of real digits, and
+    recall           share of real digits inside the manifold of the samples
+                     (k = 3 nearest neighbours, Kynkaanniemi et al. 2019)
+    mean_confidence  mean max-softmax probability of the classifier
+    frac_confident   share of samples with max-softmax > 0.9
+    class_hist       share of samples per predicted digit; class_entropy is
+                     its entropy / log(10): 1 = all digits equally often
+    nearest_train_l2 mean pixel-space L2 distance to the nearest training image
+
+All of them compare against the 10k test images. The "real floor" column
+scores a seeded random subset of the train split of the same size, which is as
+good as a generator can hope to do with that many samples (FID and KID depend
+on the sample count, so only compare numbers for equal counts). For the floor
+of nearest_train_l2 we use held-out test digits instead: train digits would be
+at distance 0 from themselves. Samples much closer to the training set than
+test digits are copies, not new digits.
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from mnist import MNIST
+from mnist import to_float as mnist_to_float
+from sample import atomic_write, generate, load_model
+
+CLASSIFIER_FILE = "classifier.pt"
+FLOOR_CACHE_FILE = "eval_floor_cache.json"
+FLOOR_VERSION = 1  # part of the floor cache key: bump it when a metric changes
+ARCH = {"c1": 32, "c2": 64, "hidden": 128}  # changing it invalidates the cache
+TRAIN = {"epochs": 3, "batch_size": 64, "lr": 2e-3, "seed": 0}
+FEATURE_BATCH = 1000  # classifier forward passes only, memory is not a concern
+CONFIDENT = 0.9
+
+
+def to_float(images_uint8):
+    """uint8 pixels (N, 28, 28) -> float (N, 1, 28, 28) in [-1, 1], like MNIST items."""
+    return mnist_to_float(images_uint8[:, None])
+
+
+# ----------------------------------------------------------------------------
+# The feature extractor: a small CNN classifier
+# ----------------------------------------------------------------------------
+
+class Classifier(nn.Module):
+    """conv-bn-pool-conv-bn-pool-fc-fc; features() is the penultimate (hidden-d) layer.
+
+    BatchNorm is what gets this small net past 99% test accuracy in 3 epochs.
+    """
+
+    def __init__(self, c1=32, c2=64, hidden=128, num_classes=10):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1)
+        self.conv2, self.bn2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2)
+        self.fc1 = nn.Linear(c2 * 7 * 7, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def features(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)  # 28 -> 14
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)  # 14 -> 7
+        return F.relu(self.fc1(x.flatten(1)))
+
+    def forward(self, x):
+        return self.fc2(self.features(x))
+
+
+@torch.no_grad()
+def classifier_outputs(model, images, device="cpu", batch_size=FEATURE_BATCH):
+    """Penultimate features and softmax probabilities, both float32 on the CPU."""
+    model.eval()
+    feats, probs = [], []
+    for i in range(0, len(images), batch_size):
+        h = model.features(images[i:i + batch_size].to(device))
+        feats.append(h.cpu())
+        probs.append(model.fc2(h).softmax(1).cpu())
+    return torch.cat(feats), torch.cat(probs)
+
+
+def accuracy(model, images, labels, device="cpu"):
+    _, probs = classifier_outputs(model, images, device)
+    return (probs.argmax(1) == labels).float().mean().item()
+
+
+def train_classifier(train_x, train_y, test_x, test_y, *, arch=ARCH, epochs=3,
+                     batch_size=64, lr=2e-3, seed=0, device="cpu", log=print):
+    """Train a Classifier(**arch) with Adam; returns (model, test accuracy).
+
+    Images are float (N, 1, 28, 28) in [-1, 1]. The learning rate decays
+    linearly to 0, which buys the last few tenths of a percent in 3 epochs.
+    """
+    torch.manual_seed(seed)  # weight init
+    shuffle = torch.Generator().manual_seed(seed)
+    model = Classifier(**arch).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps_per_epoch = math.ceil(len(train_x) / batch_size)
+    total, step = epochs * steps_per_epoch, 0
+    for epoch in range(epochs):
+        model.train()
+        t0, loss_sum = time.time(), 0.0
+        for idx in torch.randperm(len(train_x), generator=shuffle).split(batch_size):
+            for group in opt.param_groups:
+                group["lr"] = lr * (1 - step / total)
+            loss = F.cross_entropy(model(train_x[idx].to(device)), train_y[idx].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item()
+            step += 1
+        log(f"  epoch {epoch + 1}/{epochs}: loss {loss_sum / steps_per_epoch:.4f} "
+            f"({time.time() - t0:.0f} s)")
+    return model.eval(), accuracy(model, test_x, test_y, device)
+
+
+def save_classifier(path, model, test_acc, arch):
+    checkpoint = {"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                  "test_acc": float(test_acc), "arch": dict(arch)}
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def load_classifier(path, arch=None, device="cpu"):
+    """(model, test_acc) from a cache file; raises if it is unusable or built with another arch."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or set(checkpoint) != {"state_dict", "test_acc", "arch"}:
+        raise ValueError("unexpected contents")
+    if arch is not None and checkpoint["arch"] != dict(arch):
+        raise ValueError(f"built with {checkpoint['arch']}, want {dict(arch)}")
+    model = Classifier(**checkpoint["arch"])
+    model.load_state_dict(checkpoint["state_dict"])  # raises on missing keys / wrong shapes
+    return model.to(device).eval(), float(checkpoint["test_acc"])
+
+
+def get_classifier(path, train_x, train_y, test_x, test_y, *, arch=ARCH, device="cpu",
+                   log=print, **train_kw):
+    """Load the cached classifier, or train one (and cache it) if that fails."""
+    if os.path.exists(path):
+        try:
+            model, acc = load_classifier(path, arch, device)
+            log(f"classifier: {path} (test accuracy {acc:.4f})")
+            return model, acc
+        # A corrupt file can fail in many ways inside torch.load (unpickling,
+        # zip, EOF errors...); all of them mean "train a new one".
+        except Exception as err:
+            why = (str(err) or "?").splitlines()[0][:200]  # state_dict errors run to many lines
+            log(f"classifier: cache {path} is unusable ({type(err).__name__}: {why}); retraining")
+    else:
+        log(f"classifier: no cache at {path}; training one on {len(train_x)} images")
+    t0 = time.time()
+    model, acc = train_classifier(train_x, train_y, test_x, test_y, arch=arch,
+                                  device=device, log=log, **train_kw)
+    log(f"classifier: test accuracy {acc:.4f} after {time.time() - t0:.0f} s, saved to {path}")
+    if acc < 0.99:
+        log("classifier: warning: test accuracy below 99%, features may be poor")
+    save_classifier(path, model, acc, arch)
+    return model, acc
+
+
+# ----------------------------------------------------------------------------
+# Metrics: pure functions of feature (or pixel) tensors
+# ----------------------------------------------------------------------------
+
+def _mean_cov(feats):
+    x = torch.as_tensor(feats, dtype=torch.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(f"need an (N, D) feature matrix with N >= 2, got shape {tuple(x.shape)}")
+    mu = x.mean(0)
+    xc = x - mu
+    return mu, xc.T @ xc / (len(x) - 1)
+
+
+def _sqrtm_psd(s):
+    """Square root of a symmetric positive semi-definite matrix via its eigenvectors."""
+    w, v = torch.linalg.eigh(s)
+    return (v * w.clamp(min=0).sqrt()) @ v.T  # round-off can make tiny eigenvalues negative
+
+
+def fid(feats1, feats2):
+    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1^1/2 S2 S1^1/2), in float64.
+
+    S1^1/2 S2 S1^1/2 is symmetric PSD with the eigenvalues of S1 S2, so its
+    trace root is the sum of the roots of its eigenvalues: no general sqrtm.
+    """
+    mu1, s1 = _mean_cov(feats1)
+    mu2, s2 = _mean_cov(feats2)
+    r1 = _sqrtm_psd(s1)
+    m = r1 @ s2 @ r1
+    eig = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0)
+    d = (mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * eig.sqrt().sum()
+    return max(d.item(), 0.0)  # a distance; only round-off makes it negative
+
+
+def kid(feats1, feats2, num_subsets=100, subset_size=1000, seed=0):
+    """Kernel Inception Distance: (mean, std) over random subsets of the unbiased
+    MMD^2 estimate with kernel k(x, y) = (x.y / d + 1)^3."""
+    x = torch.as_tensor(feats1, dtype=torch.float64)
+    y = torch.as_tensor(feats2, dtype=torch.float64)
+    m = min(subset_size, len(x), len(y))
+    if m < 2:
+        raise ValueError("KID needs at least 2 samples in each set")
+    d = x.shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(num_subsets):
+        a = x[torch.randperm(len(x), generator=gen)[:m]]
+        b = y[torch.randperm(len(y), generator=gen)[:m]]
+        kxx, kyy, kxy = [(p @ q.T / d + 1) ** 3 for p, q in ((a, a), (b, b), (a, b))]
+        # unbiased: leave out k(x_i, x_i), the diagonal of the within-set kernels
+        within = (kxx.sum() - kxx.trace() + kyy.sum() - kyy.trace()) / (m * (m - 1))
+        values.append(within - 2 * kxy.mean())
+    values = torch.stack(values)
+    return values.mean().item(), values.std(correction=0).item()
+
+
+def knn_radii(x, k=3, chunk=1000):
+    """Distance from each row of x to its k-th nearest other row."""
+    radii = torch.empty(len(x), dtype=x.dtype)
+    for i in range(0, len(x), chunk):
+        d = torch.cdist(x[i:i + chunk], x)
+        radii[i:i + chunk] = d.topk(k + 1, dim=1, largest=False).values[:, k]  # [:, 0] is itself
+    return radii
+
+
+def manifold_coverage(query, ref, ref_radii, chunk=1000):
+    """Share of query rows within ref_radii[j] of some ref row j."""
+    inside = torch.empty(len(query), dtype=torch.bool)
+    for i in range(0, len(query), chunk):
+        d = torch.cdist(query[i:i + chunk], ref)
+        inside[i:i + chunk] = (d <= ref_radii[None, :]).any(1)
+    return inside.double().mean().item()
+
+
+def precision_recall(real_feats, fake_feats, k=3, chunk=1000):
+    """Improved precision and recall (Kynkaanniemi et al. 2019), each in [0, 1].
+
+    Every set is a union of balls, one per point, of radius its k-NN distance.
+    Precision: share of fakes inside the real union (are samples realistic?).
+    Recall: share of reals inside the fake union (is the data covered?).
+    Distances come in chunks of `chunk` rows, so 10k x 10k needs ~80 MB.
+    """
+    real = torch.as_tensor(real_feats, dtype=torch.float64)
+    fake = torch.as_tensor(fake_feats, dtype=torch.float64)
+    if len(real) <= k or len(fake) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} points per set")
+    precision = manifold_coverage(fake, real, knn_radii(real, k, chunk), chunk)
+    recall = manifold_coverage(real, fake, knn_radii(fake, k, chunk), chunk)
+    return precision, recall
+
+
+def confidence_stats(probs, threshold=CONFIDENT):
+    """(mean max-softmax, share of samples whose max-softmax > threshold)."""
+    conf = probs.max(1).values.double()
+    return conf.mean().item(), (conf > threshold).double().mean().item()
+
+
+def class_histogram(labels, num_classes=10):
+    """Share of samples per class, float64, sums to 1."""
+    return torch.bincount(labels, minlength=num_classes).double() / len(labels)
+
+
+def normalized_entropy(hist):
+    """Entropy of a histogram divided by log(#classes): 1 uniform, 0 one class."""
+    p = hist[hist > 0]
+    h = -(p * p.log()).sum() / math.log(len(hist))
+    return abs(h.item())  # h >= 0; abs turns the -0.0 of a single class into 0.0
+
+
+@torch.no_grad()
+def nearest_train_distance(samples, train_images, chunk=500, device="cpu"):
+    """Pixel-space L2 distance from each sample to its nearest training image.
+
+    The nearest image is found with a float32 matmul (|a-b|^2 = |a|^2 + |b|^2
+    - 2 a.b, the fast path torch.cdist also takes), then its distance is
+    recomputed exactly, so a copied training image gives exactly 0.
+    10k samples x 60k train images take about 6 s on 2 CPU cores.
+    """
+    a = samples.reshape(len(samples), -1).float().to(device)
+    b = train_images.reshape(len(train_images), -1).float().to(device)
+    b2 = b.square().sum(1)
+    out = torch.empty(len(a))
+    for i in range(0, len(a), chunk):
+        q = a[i:i + chunk]
+        nearest = (b2[None, :] - 2 * q @ b.T).argmin(1)  # |q|^2 is the same along a row
+        out[i:i + chunk] = (q - b[nearest]).norm(dim=1).cpu()
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Scoring a set of images
+# ----------------------------------------------------------------------------
+
+def score(images, classifier, real_feats, train_images=None, *, seed=0, device="cpu",
+          kid_subsets=100, kid_subset_size=1000, labels=None):
+    """All metrics of images (N, 1, 28, 28) in [-1, 1] against real_feats (the
+    classifier features of the real test set). Returns a dict of plain floats.
+
+    nearest_train_l2 is only computed when train_images are given. Metrics
+    that need labels (e.g. per-digit accuracy of a class-conditional model)
+    can be added here from `probs`.
+    """
+    if images.ndim != 4 or tuple(images.shape[1:]) != (1, 28, 28):
+        raise ValueError(f"expected images of shape (N, 1, 28, 28), got {tuple(images.shape)}")
+    feats, probs = classifier_outputs(classifier, images, device)
+    # The cubic kernel (x.y/d + 1)^3 expects features of order 1; ours are
+    # sparse ReLUs with x.x/d ~ 30, which make KID noisy. Divide both sets by
+    # one number fixed by the real set, the RMS of its features.
+    rms = real_feats.double().square().mean().sqrt()
+    kid_mean, kid_std = kid(feats / rms, real_feats / rms, kid_subsets, kid_subset_size, seed)
+    precision, recall = precision_recall(real_feats, feats)
+    mean_conf, frac_conf = confidence_stats(probs)
+    hist = class_histogram(probs.argmax(1))
+    result = {"n": len(images), "fid": fid(feats, real_feats), "kid": kid_mean, "kid_std": kid_std,
+              "precision": precision, "recall": recall,
+              "mean_confidence": mean_conf, "frac_confident": frac_conf,
+              "class_entropy": normalized_entropy(hist), "class_hist": hist.tolist()}
+    if labels is not None:  # a conditional model: does the classifier read the digit that was asked for?
+        hits = (probs.argmax(1) == labels.to(probs.device)).float()
+        result["label_accuracy"] = hits.mean().item()
+        result["per_digit_accuracy"] = [hits[labels == d].mean().item() if (labels == d).any() else float("nan")
+                                        for d in range(10)]
+    if train_images is not None:
+        result["nearest_train_l2"] = nearest_train_distance(images, train_images,
+                                                            device=device).mean().item()
+    return result
+
+
+def real_floor(classifier, train_x, test_x, test_feats, n, *, seed=0, device="cpu", **score_kw):
+    """score() of n random train digits, with nearest_train_l2 from held-out test digits."""
+    gen = torch.Generator().manual_seed(seed)
+    subset = torch.randperm(len(train_x), generator=gen)[:n]
+    floor = score(train_x[subset], classifier, test_feats, seed=seed, device=device, **score_kw)
+    held_out = torch.randperm(len(test_x), generator=gen)[:n]
+    floor["nearest_train_l2"] = nearest_train_distance(test_x[held_out], train_x,
+                                                       device=device).mean().item()
+    return floor
+
+
+def cached_floor(cache_path, key, compute, log=print):
+    """Look key up in a small JSON cache; compute() and store it if absent."""
+    cache = {}
+    if os.path.exists(cache_path):
+        try:
+            with open(cache_path) as f:
+                cache = json.load(f)
+        except (OSError, ValueError):
+            log(f"note: ignoring unreadable floor cache {cache_path}")
+    if isinstance(cache, dict) and key in cache:
+        return cache[key]
+    cache = cache if isinstance(cache, dict) else {}
+    cache[key] = compute()
+    atomic_write(cache_path, lambda f: f.write(json.dumps(cache, indent=1).encode()))
+    return cache[key]
+
+
+def evaluate_images(images, data_root="data/mnist", *, seed=0, device="cpu", classifier=None,
+                    log=print, labels=None, **score_kw):
+    """Score generated images (N, 1, 28, 28) in [-1, 1] and the real floor for N.
+
+    Reads MNIST from data_root (run mnist_downloader.ensure_mnist first),
+    trains or loads the cached classifier unless classifier=(model, test_acc)
+    is given. Returns {"samples": {...}, "floor": {...}, "classifier_test_acc",
+    "timings_s": {...}}.
+    """
+    timings, t0 = {}, time.time()
+    train, test = MNIST(data_root, "train"), MNIST(data_root, "test")
+    train_x, test_x = to_float(train.images), to_float(test.images)
+    if classifier is None:
+        classifier = get_classifier(os.path.join(data_root, CLASSIFIER_FILE), train_x, train.labels,
+                                    test_x, test.labels, device=device, log=log, **TRAIN)
+    model, acc = classifier
+    test_feats, _ = classifier_outputs(model, test_x, device)
+    timings["data_and_classifier"], t0 = time.time() - t0, time.time()
+
+    samples = score(images, model, test_feats, train_x, seed=seed, device=device, labels=labels, **score_kw)
+    timings["samples"], t0 = time.time() - t0, time.time()
+
+    n = min(len(images), len(train_x))
+    key = " ".join([f"v{FLOOR_VERSION} n={n} seed={seed} acc={acc:.6f}"]
+                   + [f"{k}={v}" for k, v in sorted(score_kw.items())])
+    floor = cached_floor(os.path.join(data_root, FLOOR_CACHE_FILE), key,
+                         lambda: real_floor(model, train_x, test_x, test_feats, n, seed=seed,
+                                            device=device, **score_kw), log)
+    timings["floor"] = time.time() - t0
+    return {"samples": samples, "floor": floor, "classifier_test_acc": acc, "timings_s": timings}
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+ROWS = [("FID (lower is better)", "fid"), ("KID", "kid"), ("precision", "precision"),
+        ("recall", "recall"), ("mean confidence", "mean_confidence"),
+        (f"confidence > {CONFIDENT}", "frac_confident"), ("class entropy / log 10", "class_entropy"),
+        ("nearest train L2 (pixels)", "nearest_train_l2")]
+
+
+def format_table(result):
+    samples, floor = result["samples"], result["floor"]
+    lines = [f"{'metric':<28}{'samples':>12}{'real floor':>12}", "-" * 52]
+    for name, key in ROWS:
+        lines.append(f"{name:<28}{samples[key]:>12.4g}{floor[key]:>12.4g}")
+    for name, res in (("samples", samples), ("real floor", floor)):
+        lines.append(f"class histogram, {name:<11}" + " ".join(f"{p:.3f}" for p in res["class_hist"]))
+    if "label_accuracy" in samples:
+        lines.append(f"{'asked-for digit read back':<28}{samples['label_accuracy']:>12.4g}")
+        lines.append("  per digit 0-9: " + " ".join(f"{a:.3f}" for a in samples["per_digit_accuracy"]))
+    lines.append(f"(n = {samples['n']}, classifier test accuracy {result['classifier_test_acc']:.4f})")
+    return "\n".join(lines)
+
+
+def load_png_folder(folder, limit=None):
+    """Every *.png in folder (sorted by name) as (N, 1, 28, 28) float in [-1, 1]."""
+    paths = sorted(glob.glob(os.path.join(folder, "*.png")))
+    if not paths:
+        raise ValueError(f"no .png files in {folder}")
+    if limit is not None:
+        if len(paths) < limit:
+            raise ValueError(f"--num_samples {limit}, but {folder} holds only {len(paths)} .png files")
+        paths = paths[:limit]
+    images = []
+    for p in paths:
+        with Image.open(p) as im:
+            if im.size != (28, 28):
+                raise ValueError(f"{p} is {im.size[0]}x{im.size[1]}; expected one 28x28 digit per file")
+            images.append(np.array(im.convert("L")))
+    return to_float(torch.from_numpy(np.stack(images)))
+
+
+def sample_from_checkpoint(args, guidance=None):
+    """(images, labels): labels are the digits asked of a conditional model (0..9 in turn), else None."""
+    model, scheduler, cfg = load_model(args.ckpt, args.device)
+    labels = torch.arange(args.num_samples) % model.num_classes if model.num_classes else None
+    guidance = cfg["sample"]["guidance"] if guidance is None else guidance
+    try:
+        images = generate(model, scheduler, args.num_samples, seed=args.seed, batch_size=args.batch_size,
+                          sampler=args.sampler, steps=args.steps, eta=args.eta, device=args.device,
+                          labels=labels, guidance=guidance)
+    except ValueError as err:  # e.g. an unknown --sampler
+        sys.exit(f"error: {err}")
+    return images, labels
+
+
+def guidance_sweep(args, weights):
+    """Quality against accuracy over guidance weights w (conditional checkpoints)."""
+    rows = []
+    for w in weights:
+        images, labels = sample_from_checkpoint(args, w)
+        if labels is None:
+            sys.exit("error: --guidance_sweep needs a conditional checkpoint (model.num_classes > 0)")
+        r = evaluate_images(images, args.data, seed=args.seed, device=args.device, labels=labels)["samples"]
+        rows.append({"guidance": w, **{k: r[k] for k in ["fid", "label_accuracy", "frac_confident", "precision",
+                                                          "recall"]}})
+        print(f"w = {w:g}: FID {r['fid']:.4g}, asked-for digit read back {r['label_accuracy']:.3f}, "
+              f"confidence > {CONFIDENT} {r['frac_confident']:.3f}, precision {r['precision']:.3f}, "
+              f"recall {r['recall']:.3f}")
+    return rows
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Score MNIST samples (from a checkpoint or a folder of 28x28 PNGs) with FID, "
+        "KID, precision/recall, classifier confidence, class balance and distance to the "
+        "training set, next to the same numbers for real data.",
+        epilog="Features come from a small CNN trained on MNIST on first use and cached in "
+        "DATA/classifier.pt; real-data numbers are cached in DATA/eval_floor_cache.json.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", help="checkpoint to sample from (EMA weights)")
+    source.add_argument("--images", metavar="DIR", help="folder of 28x28 grayscale .png digits")
+    parser.add_argument("--sampler", default="ddim", help="sampler for --ckpt (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps (default: %(default)s)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: %(default)s)")
+    parser.add_argument("--guidance", type=float,
+                        help="conditional checkpoints: guidance w (default: the checkpoint's sample.guidance)")
+    parser.add_argument("--guidance_sweep", type=lambda text: [float(w) for w in text.split(",")],
+                        metavar="W1,W2,...", help="conditional checkpoints: also score each guidance w")
+    parser.add_argument("--num_samples", type=int,
+                        help="samples to score (default: 10000 for --ckpt, every .png for --images)")
+    parser.add_argument("--batch_size", type=int, default=256,
+                        help="sampling batch size (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for sampling, KID subsets and the real subset (default: %(default)s)")
+    parser.add_argument("--data", default="data/mnist", help="MNIST folder (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.ckpt and args.num_samples is None:
+        args.num_samples = 10000
+    if args.num_samples is not None and args.num_samples < 4:
+        parser.error("--num_samples must be at least 4 (precision/recall use 3 nearest neighbours)")
+    if args.ckpt and not os.path.isfile(args.ckpt):
+        parser.error(f"checkpoint {args.ckpt} not found")
+    if args.images and not os.path.isdir(args.images):
+        parser.error(f"{args.images} is not a folder")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no GPU")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    images = None
+    if args.images:  # read them first: a bad folder should not wait for anything else
+        try:
+            images = load_png_folder(args.images, args.num_samples)
+        except ValueError as err:
+            sys.exit(f"error: {err}")
+        if len(images) < 4:
+            sys.exit(f"error: {args.images} holds {len(images)} .png files; need at least 4")
+        out_path = os.path.join(args.images, f"eval_{len(images)}.json")
+
+    from mnist_downloader import DownloadError, ensure_mnist
+    try:
+        ensure_mnist(args.data)  # before sampling, so a missing dataset fails fast
+    except DownloadError as err:
+        sys.exit(f"error: {err}")
+
+    labels = None
+    if images is None:
+        images, labels = sample_from_checkpoint(args, args.guidance)
+        eta = f"_eta{args.eta:g}" if args.eta else ""
+        out_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
+                                f"eval_{args.sampler}_{args.steps}{eta}_{args.num_samples}.json")
+    t_sampled = time.time()
+
+    result = evaluate_images(images, args.data, seed=args.seed, device=args.device, labels=labels)
+    print(format_table(result))
+    if args.guidance_sweep:
+        result["guidance_sweep"] = guidance_sweep(args, args.guidance_sweep)
+    result["settings"] = vars(args)
+    result["timings_s"]["sampling_or_loading"] = t_sampled - t_start
+    result["time_s"] = time.time() - t_start
+    atomic_write(out_path, lambda f: f.write(json.dumps(result, indent=2).encode()))
+    print(f"wrote {out_path} ({result['time_s']:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()
