@@ -15,7 +15,7 @@ DEFAULTS = {
     "data": {"root": "data/mnist"},
     "model": {"image_size": 28, "in_channels": 1, "channels": [32, 64, 64], "num_res_blocks": 1,
               "attention": [False, False, True], "mid_attention": True, "num_heads": 4,
-              "norm_groups": 8, "dropout": 0.0},
+              "norm_groups": 8, "dropout": 0.0, "num_classes": 0},
     "diffusion": {"num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02},
     "train": {
         "out_dir": "runs/default",  # checkpoints, log.csv, sample grids
@@ -31,12 +31,14 @@ DEFAULTS = {
         "ema_decay": 0.999,  # with warm-up: min(ema_decay, (1 + step) / (10 + step))
         "loss_weighting": "none",  # none | min_snr (Hang et al. 2023, gamma = min_snr_gamma)
         "min_snr_gamma": 5.0,
+        "cond_drop_prob": 0.1,  # conditional models: share of labels replaced by "no label"
         "eval_every": 500,  # checkpoint, sample grid and (with --val) validation loss
         "val_samples": 2000,  # test images used for the validation loss
         "log_every": 25,
         "num_threads": 0,  # torch CPU threads; 0 = torch's default
     },
-    "sample": {"sampler": "ddim", "steps": 50, "eta": 0.0, "num_samples": 64, "batch_size": 256, "seed": 0},
+    "sample": {"sampler": "ddim", "steps": 50, "eta": 0.0, "num_samples": 64, "batch_size": 256, "seed": 0,
+               "guidance": 1.0},  # conditional models: eps_u + guidance * (eps_c - eps_u)
 }
 
 CHOICES = {("train", "lr_schedule"): ["constant", "cosine"], ("train", "loss_weighting"): ["none", "min_snr"],
@@ -125,13 +127,17 @@ def validate(cfg):
             raise ConfigError(f"train.{key} must be >= 0, got {t[key]}")
     if not 0 <= t["ema_decay"] < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t['ema_decay']}")
+    if not 0 <= t["cond_drop_prob"] <= 1:
+        raise ConfigError(f"train.cond_drop_prob must be in [0, 1], got {t['cond_drop_prob']}")
+    if cfg["sample"]["guidance"] < 0:
+        raise ConfigError(f"sample.guidance must be >= 0, got {cfg['sample']['guidance']}")
     if not 0 <= t["min_lr_ratio"] <= 1:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t['min_lr_ratio']}")
     from unet import check_config  # the model's structural checks, at load time rather than mid-run
 
     m = cfg["model"]
     check_config(m["image_size"], m["channels"], m["num_res_blocks"], m["attention"], m["mid_attention"],
-                 m["num_heads"], m["norm_groups"], m["dropout"])
+                 m["num_heads"], m["norm_groups"], m["dropout"], m["num_classes"])
     if cfg["sample"]["steps"] > d["num_timesteps"]:
         raise ConfigError(f"sample.steps ({cfg['sample']['steps']}) cannot exceed diffusion.num_timesteps "
                           f"({d['num_timesteps']})")

@@ -169,6 +169,15 @@ class LinearNoiseScheduler(nn.Module):
         return cx * x_t + cd * d
 
 
+def guided_eps(eps_cond, eps_uncond, w):
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6): eps = eps_uncond + w (eps_cond - eps_uncond).
+
+    w = 1 is plain conditional sampling, w = 0 unconditional, w > 1 sharper and less diverse.
+    (The paper writes (1 + w') eps_cond - w' eps_uncond; our w is their 1 + w'.)
+    """
+    return eps_uncond + w * (eps_cond - eps_uncond)
+
+
 def min_snr_weight(snr, gamma):
     """Min-SNR-gamma loss weight for eps-prediction (Hang et al. 2023): min(SNR, gamma) / SNR."""
     return torch.clamp(snr, max=gamma) / snr

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from configuration import ConfigError, load_config, pick_device, str2bool
-from linear_noise_scheduler import LinearNoiseScheduler, timestep_list
+from configuration import DEFAULTS, ConfigError, load_config, merge, pick_device, str2bool
+from linear_noise_scheduler import LinearNoiseScheduler, guided_eps, timestep_list
 from mnist import to_uint8
 from unet import UNet
 
@@ -41,9 +41,10 @@ def load_checkpoint(path):
 def load_model(ckpt_path, device="cpu"):
     """(model with EMA weights in eval mode, scheduler, config) from a checkpoint."""
     ckpt = load_checkpoint(ckpt_path)
-    model, scheduler = build(ckpt["config"], device)
+    cfg = merge(DEFAULTS, ckpt["config"], origin=ckpt_path)  # keys added since it was saved get defaults
+    model, scheduler = build(cfg, device)
     model.load_state_dict(ckpt["ema"])
-    return model.eval(), scheduler, ckpt["config"]
+    return model.eval(), scheduler, cfg
 
 
 def image_seed(seed, i):
@@ -57,17 +58,32 @@ def _randn(generators, shape, device):
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
+def predict_eps(model, x, t, labels=None, guidance=1.0):
+    """eps_theta(x, t) at the int timestep t; for a conditional model with labels, the
+    classifier-free-guided eps, both branches evaluated in one batched network call."""
+    tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+    if labels is None or guidance == 1.0:
+        return model(x, tt, labels)
+    null = torch.full_like(labels, model.num_classes)
+    eps_cond, eps_uncond = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null])).chunk(2)
+    return guided_eps(eps_cond, eps_uncond, guidance)
+
+
 @torch.inference_mode()
 def generate(model, scheduler, num_samples, *, seed=0, batch_size=256, sampler="ddim", steps=50, eta=0.0,
-             device="cpu", progress=True, record=None):
+             device="cpu", progress=True, record=None, labels=None, guidance=1.0):
     """num_samples images (float, (N, C, H, W) in [-1, 1], on the CPU).
 
     sampler: "ddpm" (ancestral, DDPM eq. 11 / respaced posterior), "ddim" (DDIM eq. 12 with eta)
     or "dpm++" (DPM-Solver++(2M)); steps: network evaluations per image (None = all T).
+    labels (num_samples,): digits asked of a conditional model, sampled with guidance w.
     record(index, x_t, x0_pred), if given, is called for the first batch at every step.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if labels is not None and not model.num_classes:
+        raise ConfigError("this checkpoint is unconditional (model.num_classes = 0): it cannot be asked "
+                          "for a digit; train one with config/conditional.yaml")
     shape = (model.in_channels, model.image_size, model.image_size)
     ts = timestep_list(scheduler.num_timesteps, steps or scheduler.num_timesteps)
     prevs = ts[1:] + [-1]
@@ -77,10 +93,11 @@ def generate(model, scheduler, num_samples, *, seed=0, batch_size=256, sampler="
     for start in range(0, num_samples, batch_size):
         idx = range(start, min(start + batch_size, num_samples))
         gens = [torch.Generator().manual_seed(image_seed(seed, i)) for i in idx]
+        y = None if labels is None else labels[start:idx.stop].to(device)
         x = _randn(gens, shape, device)
         x0_last = t_last = None
         for k, (t, t_prev) in enumerate(zip(ts, prevs)):
-            eps = model(x, torch.full((len(idx),), t, device=device, dtype=torch.long))
+            eps = predict_eps(model, x, t, y, guidance)
             x0 = scheduler.predict_x0(x, eps, t).clamp(-1.0, 1.0)
             if record is not None and start == 0:
                 record(k, x, x0)
@@ -97,6 +114,12 @@ def generate(model, scheduler, num_samples, *, seed=0, batch_size=256, sampler="
     return torch.cat(out)
 
 
+def digit_rows(num_samples, num_classes=10):
+    """Labels for a grid with one row per digit: (labels, images per row)."""
+    per_row = max(1, num_samples // num_classes)
+    return torch.arange(num_classes).repeat_interleave(per_row), per_row
+
+
 def make_grid(images, nrow=8, pad=2, scale=2):
     """PIL grid of images in [-1, 1] shaped (N, 1, H, W); white padding between cells."""
     pixels = to_uint8(images)[:, 0]
@@ -110,16 +133,23 @@ def make_grid(images, nrow=8, pad=2, scale=2):
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale != 1 else img
 
 
-def save_atomic(image, path, **kwargs):
-    """Save a PIL image through a temporary file, so a crash never leaves half a PNG."""
+def atomic_write(path, write):
+    """write(file) into a temporary file beside path, then rename: a crash never leaves half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        image.save(tmp, format=os.path.splitext(path)[1][1:].upper().replace("JPG", "JPEG"), **kwargs)
+        with open(tmp, "wb") as f:
+            write(f)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_atomic(image, path, **kwargs):
+    """Save a PIL image (format from the file's extension) through atomic_write."""
+    fmt = os.path.splitext(path)[1][1:].upper().replace("JPG", "JPEG")
+    atomic_write(path, lambda f: image.save(f, format=fmt, **kwargs))
 
 
 def save_denoising(frames, ts, strip_path, gif_path, num_frames=10, num_samples=4):
@@ -149,6 +179,11 @@ def parse_args(argv):
     p.add_argument("--num_samples", type=int, help="default: sample.num_samples")
     p.add_argument("--batch_size", type=int, help="default: sample.batch_size")
     p.add_argument("--seed", type=int, help="default: sample.seed")
+    p.add_argument("--digit", type=int, choices=range(10), metavar="0-9",
+                   help="conditional models: the digit to draw (default: one row per digit)")
+    p.add_argument("--guidance", type=float, help="conditional models: classifier-free guidance w, "
+                                                  "eps_u + w (eps_c - eps_u); 1 = plain conditional "
+                                                  "(default: sample.guidance)")
     p.add_argument("--out", help="grid PNG (default: <out_dir>/samples_<sampler>_<steps>.png)")
     p.add_argument("--save_images", metavar="DIR", help="also write one 28x28 PNG per sample into DIR")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
@@ -169,16 +204,24 @@ def main(argv=None):
         raise ConfigError(f"--steps must be in [1, {scheduler.num_timesteps}], got {s['steps']}")
     if s["num_samples"] < 1 or s["batch_size"] < 1:
         raise ConfigError("--num_samples and --batch_size must be >= 1")
-    if s["eta"] < 0:
-        raise ConfigError(f"--eta must be >= 0, got {s['eta']}")
+    if s["eta"] < 0 or s["guidance"] < 0:
+        raise ConfigError("--eta and --guidance must be >= 0")
+    labels, nrow = None, None
+    if args.digit is not None:  # generate() refuses it for an unconditional model
+        labels = torch.full((s["num_samples"],), args.digit)
+    elif model.num_classes:
+        labels, nrow = digit_rows(s["num_samples"], model.num_classes)
     frames = []
-    images = generate(model, scheduler, s["num_samples"], seed=s["seed"], batch_size=s["batch_size"],
-                      sampler=s["sampler"], steps=s["steps"], eta=s["eta"], device=device,
+    images = generate(model, scheduler, len(labels) if labels is not None else s["num_samples"], seed=s["seed"],
+                      batch_size=s["batch_size"], sampler=s["sampler"], steps=s["steps"], eta=s["eta"],
+                      device=device, labels=labels, guidance=s["guidance"],
                       record=lambda k, x_t, x0: frames.append((x_t[:16].cpu(), x0[:16].cpu())))
     tag = f"{s['sampler']}_{s['steps']}".replace("+", "p")
+    if labels is not None:
+        tag += f"_w{s['guidance']:g}" + (f"_digit{args.digit}" if args.digit is not None else "")
     grid_path = args.out or os.path.join(os.path.dirname(ckpt_path), f"samples_{tag}.png")
-    save_atomic(make_grid(images, nrow=min(8, len(images)) if len(images) < 64 else int(len(images) ** 0.5)),
-                grid_path)
+    nrow = nrow or (min(8, len(images)) if len(images) < 64 else int(len(images) ** 0.5))
+    save_atomic(make_grid(images, nrow=nrow), grid_path)
     print(f"{len(images)} samples ({s['sampler']}, {s['steps']} steps, seed {s['seed']}) from {ckpt_path}: {grid_path}")
     ts = timestep_list(scheduler.num_timesteps, s["steps"])
     base = os.path.splitext(grid_path)[0]

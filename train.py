@@ -13,6 +13,7 @@ noise at every evaluation.
 import argparse
 import copy
 import csv
+import functools
 import math
 import os
 import sys
@@ -22,11 +23,11 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from configuration import ConfigError, load_config, merge, pick_device, split_overrides, str2bool
+from configuration import DEFAULTS, ConfigError, load_config, merge, pick_device, split_overrides, str2bool
 from linear_noise_scheduler import min_snr_weight
 from mnist import MNIST, to_float
 from mnist_downloader import FILES, DownloadError, ensure_mnist, mirrors_from
-from sample import build, generate, load_checkpoint, make_grid, save_atomic
+from sample import atomic_write, build, digit_rows, generate, load_checkpoint, make_grid, save_atomic
 
 LOG_FIELDS = ["step", "loss", "loss_q1", "loss_q2", "loss_q3", "loss_q4", "lr", "grad_norm", "img_per_s"]
 VAL_FIELDS = ["step", "val_loss", "val_q1", "val_q2", "val_q3", "val_q4"]
@@ -45,13 +46,16 @@ def lr_at(step, t):
     return t["lr"] * warm * (t["min_lr_ratio"] + (1 - t["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+@functools.lru_cache(maxsize=1)
+def epoch_permutation(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
 def batch_indices(step, n, batch_size, seed):
     """Indices of the training batch at `step`: a fresh permutation per epoch, seeded by (seed, epoch).
     A pure function of the step, so a resumed run sees exactly the batches it would have seen."""
-    per_epoch = n // batch_size
-    epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return perm[k * batch_size:(k + 1) * batch_size]
+    epoch, k = divmod(step, n // batch_size)
+    return epoch_permutation(n, seed, epoch)[k * batch_size:(k + 1) * batch_size]
 
 
 @torch.no_grad()
@@ -65,9 +69,14 @@ def per_quarter(values, t, num_timesteps):
     return [values[q == i].mean().item() if (q == i).any() else float("nan") for i in range(4)]
 
 
-def diffusion_loss(model, scheduler, x0, t, noise, weighting="none", gamma=5.0):
+def drop_labels(y, p, null_class):
+    """Classifier-free guidance training: replace each label by the "no label" class with probability p."""
+    return torch.where(torch.rand(y.shape, device=y.device) < p, torch.full_like(y, null_class), y)
+
+
+def diffusion_loss(model, scheduler, x0, t, noise, weighting="none", gamma=5.0, y=None):
     """Per-sample eps-prediction MSE (DDPM eq. 14 'simple' loss) and its (weighted) batch mean."""
-    pred = model(scheduler.add_noise(x0, noise, t), t)
+    pred = model(scheduler.add_noise(x0, noise, t), t, y)
     per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
     weight = min_snr_weight(scheduler.snr(t), gamma) if weighting == "min_snr" else 1.0
     return per_sample, (per_sample * weight).mean()
@@ -80,26 +89,24 @@ class Validator:
         test = MNIST(root, "test")
         g = torch.Generator().manual_seed(1234)
         self.x0 = to_float(test.images[:n, None]).to(device)
+        self.y = test.labels[:n].to(device)
         self.t = torch.randint(0, num_timesteps, (len(self.x0),), generator=g).to(device)
         self.noise = torch.randn(self.x0.shape, generator=g).to(device)
 
     @torch.no_grad()
     def __call__(self, model, scheduler, batch_size):
-        losses = torch.cat([diffusion_loss(model, scheduler, self.x0[i:i + batch_size], self.t[i:i + batch_size],
-                                           self.noise[i:i + batch_size])[0]
-                            for i in range(0, len(self.x0), batch_size)])
+        losses = []
+        for i in range(0, len(self.x0), batch_size):
+            b = slice(i, i + batch_size)
+            y = self.y[b] if model.num_classes else None
+            losses.append(diffusion_loss(model, scheduler, self.x0[b], self.t[b], self.noise[b], y=y)[0])
+        losses = torch.cat(losses)
         return [losses.mean().item()] + per_quarter(losses, self.t, scheduler.num_timesteps)
 
 
 def save_checkpoint(path, state):
     """torch.save through a temporary file and os.replace: a crash never leaves a half checkpoint."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def append_csv(path, fields, row):
@@ -147,7 +154,7 @@ def main(argv=None):
     ckpt = None
     if args.resume:
         ckpt = load_checkpoint(last_path)
-        cfg = merge(ckpt["config"], {}, overrides)
+        cfg = merge(DEFAULTS, ckpt["config"], overrides, origin=last_path)
         print(f"resuming {last_path} at step {ckpt['step']} with its stored config")
     elif os.path.exists(last_path) and not args.overwrite:
         raise ConfigError(f"{last_path} exists: pass --resume to continue that run, --overwrite to start "
@@ -162,7 +169,8 @@ def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None):
     torch.manual_seed(t_cfg["seed"])
     if not all(os.path.exists(os.path.join(root, f)) for f in FILES):
         ensure_mnist(root, mirrors)  # files present were verified when downloaded; MNIST() checks their structure
-    images = MNIST(root, "train").images.to(device)
+    data = MNIST(root, "train")
+    images, labels = data.images.to(device), data.labels.to(device)
     if len(images) < t_cfg["batch_size"]:
         raise ConfigError(f"train.batch_size {t_cfg['batch_size']} exceeds the {len(images)} training images")
     model, scheduler = build(cfg, device)
@@ -200,9 +208,11 @@ def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None):
     def evaluate():
         nonlocal best_val
         s = cfg["sample"]
-        grid = generate(ema, scheduler, 64, seed=s["seed"], batch_size=64, sampler=s["sampler"], steps=s["steps"],
-                        eta=s["eta"], device=device, progress=False)
-        save_atomic(make_grid(grid), os.path.join(out_dir, "samples", f"step_{step:06d}.png"))
+        grid_labels, nrow = digit_rows(64, model.num_classes) if model.num_classes else (None, 8)
+        grid = generate(ema, scheduler, 64 if grid_labels is None else len(grid_labels), seed=s["seed"],
+                        batch_size=64, sampler=s["sampler"], steps=s["steps"], eta=s["eta"], device=device,
+                        progress=False, labels=grid_labels, guidance=s["guidance"])
+        save_atomic(make_grid(grid, nrow=nrow), os.path.join(out_dir, "samples", f"step_{step:06d}.png"))
         msg = f"step {step}: samples/step_{step:06d}.png"
         if validator is not None:
             v = validator(ema, scheduler, 500)
@@ -225,10 +235,12 @@ def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None):
             lr = lr_at(step, t_cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            x0 = to_float(images[batch_indices(step, len(images), bs, t_cfg["seed"]).to(device)][:, None])
+            idx = batch_indices(step, len(images), bs, t_cfg["seed"]).to(device)
+            x0 = to_float(images[idx][:, None])
+            y = drop_labels(labels[idx], t_cfg["cond_drop_prob"], model.num_classes) if model.num_classes else None
             t = torch.randint(0, T, (bs,), device=device)
             per_sample, loss = diffusion_loss(model, scheduler, x0, t, torch.randn_like(x0),
-                                              t_cfg["loss_weighting"], t_cfg["min_snr_gamma"])
+                                              t_cfg["loss_weighting"], t_cfg["min_snr_gamma"], y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg["grad_clip"] or float("inf"))

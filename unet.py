@@ -68,17 +68,22 @@ class UNet(nn.Module):
 
     channels: width of each resolution level; len(channels) - 1 downsamplings by 2.
     attention: one bool per level, self-attention after each ResBlock of that level.
+    num_classes: 0 for an unconditional model; else labels 0..num_classes-1 plus one extra
+    "no label" class (index num_classes) are embedded and added to the time embedding.
     """
 
     def __init__(self, image_size=28, in_channels=1, channels=(32, 64, 64), num_res_blocks=1,
                  attention=(False, False, True), mid_attention=True, num_heads=4, norm_groups=8,
-                 dropout=0.0):
+                 dropout=0.0, num_classes=0):
         super().__init__()
-        check_config(image_size, channels, num_res_blocks, attention, mid_attention, num_heads, norm_groups, dropout)
+        check_config(image_size, channels, num_res_blocks, attention, mid_attention, num_heads, norm_groups, dropout,
+                     num_classes)
         temb_dim = 4 * channels[0]
         self.image_size, self.in_channels, self.channels = image_size, in_channels, list(channels)
         self.time_mlp = nn.Sequential(nn.Linear(channels[0], temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.num_classes = num_classes
+        self.label_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
 
         def res(i, o):
             return ResBlock(i, o, temb_dim, norm_groups, dropout)
@@ -110,8 +115,14 @@ class UNet(nn.Module):
         assert not skips, "every skip connection must be consumed"
         self.out = nn.Sequential(nn.GroupNorm(norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1))
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
+        """eps for x (B, C, H, W) at timesteps t (B,); y (B,) labels of a conditional model
+        (None = the "no label" class)."""
         temb = self.time_mlp(timestep_embedding(t, self.channels[0]))
+        if self.label_emb is not None:
+            if y is None:
+                y = torch.full_like(t, self.num_classes)
+            temb = temb + self.label_emb(y)
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:
@@ -129,7 +140,8 @@ class UNet(nn.Module):
         return self.out(h)
 
 
-def check_config(image_size, channels, num_res_blocks, attention, mid_attention, num_heads, norm_groups, dropout):
+def check_config(image_size, channels, num_res_blocks, attention, mid_attention, num_heads, norm_groups, dropout,
+                 num_classes=0):
     """Reject combinations that cannot build or run, naming the config key to change."""
     if not channels or any(int(c) != c or c < 1 for c in channels):
         raise ConfigError(f"model.channels must be a non-empty list of positive ints, got {channels}")
@@ -156,5 +168,7 @@ def check_config(image_size, channels, num_res_blocks, attention, mid_attention,
                           f"model.num_heads = {num_heads}")
     if num_res_blocks < 1:
         raise ConfigError(f"model.num_res_blocks must be >= 1, got {num_res_blocks}")
+    if num_classes < 0:
+        raise ConfigError(f"model.num_classes must be 0 (unconditional) or the number of labels, got {num_classes}")
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {dropout}")

@@ -116,7 +116,7 @@ def test_sample_uses_ema_weights_and_rebuilds_from_checkpoint(tiny_config):
     path = os.path.join(run_dir(tiny_config), "last.pt")
     model, _, cfg = load_model(path)
     ckpt = torch.load(path, weights_only=True)
-    assert cfg == ckpt["config"]
+    assert cfg == ckpt["config"] == load_config(tiny_config, ["train.steps=3"])
     for name, value in model.state_dict().items():
         assert torch.equal(value, ckpt["ema"][name])
 
