@@ -152,17 +152,21 @@ def save_atomic(image, path, **kwargs):
     atomic_write(path, lambda f: image.save(f, format=fmt, **kwargs))
 
 
-def save_denoising(frames, ts, strip_path, gif_path, num_frames=10, num_samples=4):
+def evenly(n, k):
+    """k (or fewer) indices spread evenly over range(n), first and last included."""
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+
+
+def save_denoising(frames, ts, strip_path, gif_path, num_frames=10, num_samples=4, gif_frames=50):
     """Strip: for each of num_samples images, a row of x_t and a row of predicted x_0 at chosen steps.
-    GIF: x_t beside predicted x_0 for 16 images at every recorded step."""
-    picks = sorted({round(i * (len(frames) - 1) / max(num_frames - 1, 1)) for i in range(num_frames)})
+    GIF: x_t (upper half) and predicted x_0 (lower half) of 16 images, at up to gif_frames steps."""
+    picks = evenly(len(frames), num_frames)
     rows = []
     for s in range(min(num_samples, frames[0][0].shape[0])):
         rows += [frames[k][0][s] for k in picks] + [frames[k][1][s] for k in picks]
     save_atomic(make_grid(torch.stack(rows), nrow=len(picks)), strip_path)
-    gif = []
-    for x_t, x0 in frames:
-        gif.append(make_grid(torch.cat([x_t[:16], x0[:16]]), nrow=8))
+    gif = [make_grid(torch.cat([frames[k][0][:16], frames[k][1][:16]]), nrow=8, scale=1)
+           for k in evenly(len(frames), gif_frames)]
     save_atomic(gif[0], gif_path, save_all=True, append_images=gif[1:] + [gif[-1]] * 10, duration=80, loop=0)
     print(f"denoising strip (x_t and predicted x_0 at t = {[ts[k] for k in picks]}): {strip_path}; GIF: {gif_path}")
 

@@ -52,3 +52,10 @@ def test_default_config_builds_and_trains_one_step_quickly():
 def test_invalid_model_configs_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         UNet(**kwargs)
+
+
+@pytest.mark.parametrize("path", ["config/default.yaml", "config/large.yaml", "config/conditional.yaml"])
+def test_every_shipped_config_loads_and_builds(path):
+    cfg = load_config(path)
+    model = UNet(**cfg["model"])
+    assert model.num_classes == cfg["model"]["num_classes"]
