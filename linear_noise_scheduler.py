@@ -115,7 +115,8 @@ class LinearNoiseScheduler(nn.Module):
         """
         a_t, a_prev = self._abar64(t, x_t), self._abar64(t_prev, x_t)
         beta = 1.0 - a_t / a_prev
-        c0, ct, std = self._to(x_t, a_prev.sqrt() * beta / (1.0 - a_t), (1.0 - beta).sqrt() * (1.0 - a_prev) / (1.0 - a_t),
+        c0, ct, std = self._to(x_t, a_prev.sqrt() * beta / (1.0 - a_t),
+                               (1.0 - beta).sqrt() * (1.0 - a_prev) / (1.0 - a_t),
                                (beta * (1.0 - a_prev) / (1.0 - a_t)).sqrt())
         x0, _ = self._x0_and_eps(x_t, eps, t, clip)
         return c0 * x0 + ct * x_t + std * noise

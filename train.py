@@ -12,11 +12,14 @@ noise at every evaluation.
 
 import argparse
 import copy
+import contextlib
 import csv
 import functools
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -102,6 +105,28 @@ class Validator:
             losses.append(diffusion_loss(model, scheduler, self.x0[b], self.t[b], self.noise[b], y=y)[0])
         losses = torch.cat(losses)
         return [losses.mean().item()] + per_quarter(losses, self.t, scheduler.num_timesteps)
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Turn the first Ctrl-C into a flag that the loop reads between steps, so the checkpoint it
+    saves is never of a half-done step; a second Ctrl-C interrupts at once."""
+    flag = {"set": False}
+
+    def handler(signum, frame):
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+        tqdm.write("Ctrl-C: stopping after this step (press again to stop now, without saving)")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def save_checkpoint(path, state):
@@ -226,55 +251,66 @@ def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None):
         tqdm.write(msg)
 
     T, bs = scheduler.num_timesteps, t_cfg["batch_size"]
+
+    def optimizer_step(step):
+        """One step of AdamW on the diffusion loss, then the EMA update."""
+        model.train()
+        lr = lr_at(step, t_cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = batch_indices(step, len(images), bs, t_cfg["seed"]).to(device)
+        x0 = to_float(images[idx][:, None])
+        y = drop_labels(labels[idx], t_cfg["cond_drop_prob"], model.num_classes) if model.num_classes else None
+        t = torch.randint(0, T, (bs,), device=device)
+        per_sample, loss = diffusion_loss(model, scheduler, x0, t, torch.randn_like(x0),
+                                          t_cfg["loss_weighting"], t_cfg["min_snr_gamma"], y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg["grad_clip"] or float("inf"))
+        opt.step()
+        ema_update(ema, model, min(t_cfg["ema_decay"], (1 + step) / (10 + step)))
+        return loss, per_sample, t, lr, grad_norm
+
     bar = tqdm(total=t_cfg["steps"], initial=step, desc="train", unit="step")
     acc_loss, acc_n, acc_q, last_good = torch.zeros((), device=device), 0, [], step
-    tic, grad_norm = time.perf_counter(), torch.zeros(())
-    try:
-        while step < t_cfg["steps"]:
-            model.train()
-            lr = lr_at(step, t_cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            idx = batch_indices(step, len(images), bs, t_cfg["seed"]).to(device)
-            x0 = to_float(images[idx][:, None])
-            y = drop_labels(labels[idx], t_cfg["cond_drop_prob"], model.num_classes) if model.num_classes else None
-            t = torch.randint(0, T, (bs,), device=device)
-            per_sample, loss = diffusion_loss(model, scheduler, x0, t, torch.randn_like(x0),
-                                              t_cfg["loss_weighting"], t_cfg["min_snr_gamma"], y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg["grad_clip"] or float("inf"))
-            opt.step()
-            ema_update(ema, model, min(t_cfg["ema_decay"], (1 + step) / (10 + step)))
-            step += 1
-            acc_loss += loss.detach()
-            acc_n += 1
-            acc_q.append((per_sample.detach(), t))
-            bar.update(1)
-            if step % t_cfg["log_every"] == 0 or step == t_cfg["steps"] or step % t_cfg["eval_every"] == 0:
-                mean_loss = (acc_loss / acc_n).item()
-                if not math.isfinite(mean_loss):
-                    raise TrainingDiverged(f"loss became {mean_loss} between steps {step - acc_n} and {step}")
-                ips = acc_n * bs / (time.perf_counter() - tic)
-                quarters = per_quarter(torch.cat([q for q, _ in acc_q]), torch.cat([t for _, t in acc_q]), T)
-                append_csv(log_path, LOG_FIELDS, dict(zip(LOG_FIELDS, [step, mean_loss, *quarters, lr,
-                                                                         grad_norm.item(), ips])))
-                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
-                acc_loss, acc_n, acc_q, tic = torch.zeros((), device=device), 0, [], time.perf_counter()
-                if step % t_cfg["eval_every"] == 0 or step == t_cfg["steps"]:
-                    evaluate()
-                    last_good = step
-                    tic = time.perf_counter()
-    except TrainingDiverged as e:
-        bar.close()
-        raise TrainingDiverged(f"{e}. Stopped; the last good checkpoint is {last_path} (step {last_good}). "
-                               "Try a lower --train.lr or --train.grad_clip, then --resume.") from None
-    except KeyboardInterrupt:
-        bar.close()
-        if acc_n == 0 or math.isfinite((acc_loss / acc_n).item()):
-            checkpoint(last_path)
-            print(f"\ninterrupted: saved {last_path} at step {step}; continue with --resume")
-        raise
+    tic = time.perf_counter()
+    stopped_between_steps = False
+    with deferred_interrupt() as interrupted:
+        try:
+            while step < t_cfg["steps"]:
+                loss, per_sample, t, lr, grad_norm = optimizer_step(step)
+                step += 1
+                acc_loss += loss.detach()
+                acc_n += 1
+                acc_q.append((per_sample.detach(), t))
+                bar.update(1)
+                if step % t_cfg["log_every"] == 0 or step == t_cfg["steps"] or step % t_cfg["eval_every"] == 0:
+                    mean_loss = (acc_loss / acc_n).item()
+                    if not math.isfinite(mean_loss):
+                        raise TrainingDiverged(f"loss became {mean_loss} between steps {step - acc_n} and {step}")
+                    ips = acc_n * bs / (time.perf_counter() - tic)
+                    quarters = per_quarter(torch.cat([q for q, _ in acc_q]), torch.cat([t for _, t in acc_q]), T)
+                    append_csv(log_path, LOG_FIELDS, dict(zip(LOG_FIELDS, [step, mean_loss, *quarters, lr,
+                                                                             grad_norm.item(), ips])))
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
+                    acc_loss, acc_n, acc_q, tic = torch.zeros((), device=device), 0, [], time.perf_counter()
+                    if step % t_cfg["eval_every"] == 0 or step == t_cfg["steps"]:
+                        evaluate()
+                        last_good = step
+                        tic = time.perf_counter()
+                if interrupted["set"]:  # Ctrl-C was pressed during this step: stop here, between steps
+                    stopped_between_steps = True
+                    raise KeyboardInterrupt
+        except TrainingDiverged as e:
+            bar.close()
+            raise TrainingDiverged(f"{e}. Stopped; the last good checkpoint is {last_path} (step {last_good}). "
+                                   "Try a lower --train.lr or --train.grad_clip, then --resume.") from None
+        except KeyboardInterrupt:
+            bar.close()
+            if stopped_between_steps and (acc_n == 0 or math.isfinite((acc_loss / acc_n).item())):
+                checkpoint(last_path)
+                print(f"\ninterrupted: saved {last_path} at step {step}; continue with --resume")
+            raise
     bar.close()
     return model, ema
 

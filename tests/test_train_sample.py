@@ -128,3 +128,31 @@ def test_command_line_errors_are_messages(tiny_config, tmp_path):
         sample.main(["--config", tiny_config])
     with pytest.raises(ConfigError, match="not found"):
         train.main(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_ctrl_c_stops_between_steps_and_resumes_exactly(tiny_config, tmp_path, monkeypatch):
+    """Ctrl-C during step 4 finishes that step, saves it, and a resumed run ends where an
+    uninterrupted one does."""
+    import signal
+
+    real_ema_update, calls = train.ema_update, []
+
+    def ema_update_then_ctrl_c(*args):
+        real_ema_update(*args)
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(train, "ema_update", ema_update_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--config", tiny_config, f"--train.out_dir={interrupted}"])
+    assert torch.load(interrupted / "last.pt", weights_only=True)["step"] == 4
+    monkeypatch.setattr(train, "ema_update", real_ema_update)
+    train.main(["--config", tiny_config, f"--train.out_dir={interrupted}", "--resume"])
+    train.main(["--config", tiny_config])
+    full = torch.load(os.path.join(run_dir(tiny_config), "last.pt"), weights_only=True)
+    resumed = torch.load(interrupted / "last.pt", weights_only=True)
+    for name, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
