@@ -1,6 +1,5 @@
 """Shared fixtures: tiny synthetic MNIST files and a tiny config, all under tmp_path."""
 
-import os
 
 import numpy as np
 import pytest
