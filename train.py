@@ -302,16 +302,15 @@ def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None):
                     stopped_between_steps = True
                     raise KeyboardInterrupt
         except TrainingDiverged as e:
-            bar.close()
             raise TrainingDiverged(f"{e}. Stopped; the last good checkpoint is {last_path} (step {last_good}). "
                                    "Try a lower --train.lr or --train.grad_clip, then --resume.") from None
         except KeyboardInterrupt:
-            bar.close()
             if stopped_between_steps and (acc_n == 0 or math.isfinite((acc_loss / acc_n).item())):
                 checkpoint(last_path)
-                print(f"\ninterrupted: saved {last_path} at step {step}; continue with --resume")
+                tqdm.write(f"interrupted: saved {last_path} at step {step}; continue with --resume")
             raise
-    bar.close()
+        finally:
+            bar.close()
     return model, ema
 
 
