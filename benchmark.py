@@ -4,7 +4,8 @@
 
 Measures, on random data shaped like MNIST (the numbers do not depend on the data):
   - training images/s: forward, backward, gradient clipping, AdamW step and EMA update,
-    exactly the step train.py runs;
+    exactly the step train.py runs, with the config's train.amp, train.compile and
+    train.channels_last (e.g. --train.amp=bf16 --train.compile=true on a GPU);
   - sampling images/s per network evaluation (one forward pass of the batch);
   - FLOPs per image of a training step and of a forward pass (torch's FlopCounterMode:
     matmuls and convolutions, the bulk of the work);
@@ -26,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from configuration import ConfigError, load_config, pick_device, split_overrides
 from sample import build
-from train import diffusion_loss, ema_update
+from train import StepRunner, diffusion_loss
 
 
 def sync(device):
@@ -57,18 +58,15 @@ def benchmark(cfg, device, min_seconds=5.0, batch_size=None):
     bs = batch_size or t["batch_size"]
     model, scheduler = build(cfg, device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
+    opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], betas=(0.9, t["adam_beta2"]),
+                            weight_decay=t["weight_decay"])
+    runner = StepRunner(model, ema, opt, scheduler, t, device)  # train.amp, train.compile, channels_last apply
     x0 = torch.rand(bs, model.in_channels, model.image_size, model.image_size, device=device) * 2 - 1
     steps = torch.randint(0, scheduler.num_timesteps, (bs,), device=device)
+    y = torch.randint(0, model.num_classes, (bs,), device=device) if model.num_classes else None
 
     def train_step():
-        _, loss = diffusion_loss(model, scheduler, x0, steps, torch.randn_like(x0), t["loss_weighting"],
-                                 t["min_snr_gamma"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"] or float("inf"))
-        opt.step()
-        ema_update(ema, model, t["ema_decay"])
+        runner(x0, steps, torch.randn_like(x0), y, t["lr"], t["ema_decay"])
 
     sample_bs = cfg["sample"]["batch_size"]
     xs = torch.randn(sample_bs, *x0.shape[1:], device=device)
@@ -78,8 +76,9 @@ def benchmark(cfg, device, min_seconds=5.0, batch_size=None):
         with torch.inference_mode():
             ema(xs, ts)
 
-    with FlopCounterMode(display=False) as counter:
-        train_step()
+    with FlopCounterMode(display=False) as counter:  # eager forward + backward: the FLOPs of a step
+        diffusion_loss(model, scheduler, x0, steps, torch.randn_like(x0), y=y)[1].backward()
+    model.zero_grad(set_to_none=True)
     train_flops = counter.get_total_flops() / bs
     with FlopCounterMode(display=False) as counter:
         forward()
@@ -95,7 +94,9 @@ def benchmark(cfg, device, min_seconds=5.0, batch_size=None):
     achieved = train_flops * bs / train_s / 1e9
     return {
         "device": str(device), "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "params": sum(p.numel() for p in model.parameters()),
+        "threads": torch.get_num_threads(), "amp": t["amp"], "compile": t["compile"],
+        "channels_last": t["channels_last"], "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "params": sum(p.numel() for p in model.parameters()),
         "train_batch_size": bs, "train_img_per_s": bs / train_s,
         "sample_batch_size": sample_bs, "sample_img_per_s_per_eval": sample_bs / sample_s,
         "train_gflop_per_img": train_flops / 1e9, "forward_gflop_per_img": fwd_flops / 1e9,
@@ -117,7 +118,8 @@ def main(argv=None):
         torch.set_num_threads(cfg["train"]["num_threads"])
     r = benchmark(cfg, pick_device(args.device), args.seconds)
     r["config"] = args.config
-    print(f"{args.config} on {r['device']} ({r['cpu']}, {r['threads']} threads, torch {r['torch']})")
+    print(f"{args.config} on {r['device']} ({r['gpu'] or r['cpu']}, {r['threads']} threads, torch {r['torch']}; "
+          f"amp {r['amp']}, compile {r['compile']}, channels_last {r['channels_last']})")
     rows = [("parameters", f"{r['params'] / 1e6:.2f} M"),
             (f"training images/s (batch {r['train_batch_size']})", f"{r['train_img_per_s']:.0f}"),
             (f"sampling images/s per network evaluation (batch {r['sample_batch_size']})",

@@ -31,20 +31,29 @@ DEFAULTS = {
         "ema_decay": 0.999,  # with warm-up: min(ema_decay, (1 + step) / (10 + step))
         "loss_weighting": "none",  # none | min_snr (Hang et al. 2023, gamma = min_snr_gamma)
         "min_snr_gamma": 5.0,
+        "timestep_sampling": "uniform",  # uniform | logit_normal: t/T ~ sigmoid(N(mean, std)) (Esser et al. 2024)
+        "logit_normal_mean": 0.0,
+        "logit_normal_std": 1.0,
+        "adam_beta2": 0.999,
         "cond_drop_prob": 0.1,  # conditional models: share of labels replaced by "no label"
         "eval_every": 500,  # checkpoint, sample grid and (with --val) validation loss
         "val_samples": 2000,  # test images used for the validation loss
         "log_every": 25,
         "num_threads": 0,  # torch CPU threads; 0 = torch's default
+        "amp": "off",  # off | bf16 | fp16 (autocast; fp16 with a gradient scaler)
+        "compile": False,  # torch.compile the network for training
+        "channels_last": False,  # NHWC memory format (helps convolutions under AMP on GPUs)
     },
     "sample": {"sampler": "ddim", "steps": 50, "eta": 0.0, "num_samples": 64, "batch_size": 256, "seed": 0,
                "guidance": 1.0},  # conditional models: eps_u + guidance * (eps_c - eps_u)
 }
 
+AMP_CHOICES = ["off", "bf16", "fp16"]
 CHOICES = {("train", "lr_schedule"): ["constant", "cosine"], ("train", "loss_weighting"): ["none", "min_snr"],
+           ("train", "timestep_sampling"): ["uniform", "logit_normal"], ("train", "amp"): list(AMP_CHOICES),
            ("sample", "sampler"): ["ddpm", "ddim", "dpm++"]}
 POSITIVE = {("train", k) for k in ["steps", "batch_size", "lr", "eval_every", "log_every", "val_samples",
-                                   "min_snr_gamma"]} | {("diffusion", "num_timesteps"), ("diffusion", "beta_start"),
+                                   "min_snr_gamma", "logit_normal_std"]} | {("diffusion", "num_timesteps"), ("diffusion", "beta_start"),
                                                         ("sample", "steps"), ("sample", "num_samples"),
                                                         ("sample", "batch_size")}
 
@@ -62,6 +71,8 @@ def _set(cfg, dotted, value, origin):
     if section not in DEFAULTS or key not in DEFAULTS[section]:
         raise ConfigError(f"unknown config key {dotted!r} ({origin}); valid keys: {', '.join(_all_keys())}")
     default = DEFAULTS[section][key]
+    if dotted == "train.amp" and value is False:  # YAML 1.1 reads a bare `off` as false
+        value = "off"
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(default, float) and isinstance(value, str):
@@ -125,6 +136,8 @@ def validate(cfg):
     for key in ["warmup_steps", "weight_decay", "grad_clip", "num_threads"]:
         if t[key] < 0:
             raise ConfigError(f"train.{key} must be >= 0, got {t[key]}")
+    if not 0 <= t["adam_beta2"] < 1:
+        raise ConfigError(f"train.adam_beta2 must be in [0, 1), got {t['adam_beta2']}")
     if not 0 <= t["ema_decay"] < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t['ema_decay']}")
     if not 0 <= t["cond_drop_prob"] <= 1:

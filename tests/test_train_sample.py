@@ -156,3 +156,15 @@ def test_ctrl_c_stops_between_steps_and_resumes_exactly(tiny_config, tmp_path, m
     for name, value in full["model"].items():
         assert torch.equal(value, resumed["model"][name]), name
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_logit_normal_timesteps_stay_in_range_and_shift_with_the_mean():
+    cfg = {"timestep_sampling": "logit_normal", "logit_normal_std": 1.0}
+    low = train.sample_timesteps(20000, 1000, {**cfg, "logit_normal_mean": -1.0}, "cpu")
+    mid = train.sample_timesteps(20000, 1000, {**cfg, "logit_normal_mean": 0.0}, "cpu")
+    for t in (low, mid):
+        assert t.dtype == torch.long and 0 <= t.min() and t.max() <= 999
+    assert abs(mid.float().median() - 500) < 15  # sigmoid(N(0, 1)) has median 1/2
+    assert low.float().median() < 300  # sigmoid(-1) = 0.27
+    uniform = train.sample_timesteps(20000, 1000, {"timestep_sampling": "uniform"}, "cpu")
+    assert uniform.bincount(minlength=1000).min() > 0

@@ -1,0 +1,156 @@
+"""Issue 6 on the CPU: torchrun/DDP (gloo) against a single process, AMP, channels-last, compile."""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import train
+from configuration import ConfigError, load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun(config, *args, nproc=2):
+    """`torchrun --nproc_per_node=nproc train.py --config config ...` on the CPU, as a user runs it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", os.path.join(REPO, "train.py"), "--config", config,
+                           "--device", "cpu", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def weights(path, key="model"):
+    return torch.load(path, map_location="cpu", weights_only=True)[key]
+
+
+def assert_same_weights(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def out_dir(config, name):
+    return os.path.join(os.path.dirname(load_config(config)["train"]["out_dir"]), name)
+
+
+def test_two_process_run_equals_single_process_run(tiny_config):
+    ddp, single = out_dir(tiny_config, "ddp"), out_dir(tiny_config, "single")
+    r = torchrun(tiny_config, "--val", "True", f"--train.out_dir={ddp}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "x 2 processes" in r.stdout and r.stdout.count("model:") == 1  # rank 0 alone reports
+    train.main(["--config", tiny_config, "--val", "True", f"--train.out_dir={single}"])
+
+    assert sorted(f for f in os.listdir(ddp) if f.endswith(".pt")) == ["best.pt", "last.pt"]
+    for key in ["model", "ema", "optimizer"]:
+        a, b = weights(os.path.join(ddp, "last.pt"), key), weights(os.path.join(single, "last.pt"), key)
+        if key == "optimizer":
+            a = {f"{i}.{n}": v for i, s in a["state"].items() for n, v in s.items()}
+            b = {f"{i}.{n}": v for i, s in b["state"].items() for n, v in s.items()}
+        assert_same_weights(a, b)
+    # one log, written once; the validation loss reduced over both ranks equals the single-process one
+    for name in ["log.csv", "val.csv"]:
+        rows = [list(csv.DictReader(open(os.path.join(d, name)))) for d in (ddp, single)]
+        assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]]
+    val = [list(csv.DictReader(open(os.path.join(d, "val.csv")))) for d in (ddp, single)]
+    for a, b in zip(*val):
+        for k in a:
+            assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-4, abs=1e-6), k
+    assert sorted(os.listdir(os.path.join(ddp, "samples"))) == sorted(os.listdir(os.path.join(single, "samples")))
+
+
+def test_checkpoints_move_between_ddp_and_single_process(tiny_config):
+    full, ddp_first, single_first = (out_dir(tiny_config, n) for n in ["full", "ddp_first", "single_first"])
+    train.main(["--config", tiny_config, f"--train.out_dir={full}"])
+    # DDP for 3 of the 6 steps, then one process for the rest
+    assert torchrun(tiny_config, "--train.steps=3", f"--train.out_dir={ddp_first}").returncode == 0
+    train.main(["--config", tiny_config, "--resume", "--train.steps=6", f"--train.out_dir={ddp_first}"])
+    # and the other way round
+    train.main(["--config", tiny_config, "--train.steps=3", f"--train.out_dir={single_first}"])
+    r = torchrun(tiny_config, "--resume", "--train.steps=6", f"--train.out_dir={single_first}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for d in (ddp_first, single_first):
+        ckpt = torch.load(os.path.join(d, "last.pt"), map_location="cpu", weights_only=True)
+        assert ckpt["step"] == 6
+        assert_same_weights(ckpt["model"], weights(os.path.join(full, "last.pt")))
+        assert_same_weights(ckpt["ema"], weights(os.path.join(full, "last.pt"), "ema"))
+
+
+def test_global_batch_that_does_not_divide_is_a_clear_error(tiny_config):
+    r = torchrun(tiny_config, "--train.batch_size=15", f"--train.out_dir={out_dir(tiny_config, 'odd')}")
+    assert r.returncode != 0
+    assert "train.batch_size 15 is the global batch: it must divide by the 2 processes" in r.stderr
+    assert "Traceback" not in r.stderr.split("error: train.batch_size")[0][-2000:]
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_trains_and_keeps_float32_weights(tiny_config, amp):
+    train.main(["--config", tiny_config, f"--train.amp={amp}"])
+    ckpt = torch.load(os.path.join(load_config(tiny_config)["train"]["out_dir"], "last.pt"), weights_only=True)
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    log = list(csv.DictReader(open(os.path.join(load_config(tiny_config)["train"]["out_dir"], "log.csv"))))
+    assert len(log) == 6 and all(float(r["loss"]) > 0 for r in log)
+    if amp == "fp16":  # the gradient scaler's state travels with the checkpoint
+        assert ckpt["scaler"]["scale"] > 0
+    else:
+        assert ckpt["scaler"] == {}
+
+
+def test_fp16_run_resumes_exactly_with_its_gradient_scaler(tiny_config, monkeypatch):
+    full, resumed = out_dir(tiny_config, "full"), out_dir(tiny_config, "resumed")
+    # a growth interval of 2 makes the scale change within 6 steps, so a lost scaler state would show
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device: real(device, init_scale=2.0**4, growth_interval=2))
+    train.main(["--config", tiny_config, "--train.amp=fp16", f"--train.out_dir={full}"])
+    train.main(["--config", tiny_config, "--train.amp=fp16", "--train.steps=3", f"--train.out_dir={resumed}"])
+    scale_at_3 = torch.load(os.path.join(resumed, "last.pt"), weights_only=True)["scaler"]["scale"]
+    train.main(["--config", tiny_config, "--resume", "--train.steps=6", f"--train.out_dir={resumed}"])
+    a, b = (torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (full, resumed))
+    assert scale_at_3 != a["scaler"]["scale"] == b["scaler"]["scale"]
+    assert_same_weights(a["model"], b["model"], atol=0)
+
+
+def test_channels_last_gives_the_same_training(tiny_config):
+    a, b = out_dir(tiny_config, "nchw"), out_dir(tiny_config, "nhwc")
+    train.main(["--config", tiny_config, f"--train.out_dir={a}"])
+    train.main(["--config", tiny_config, "--train.channels_last=true", f"--train.out_dir={b}"])
+    # other convolution kernels round differently, and Adam scales tiny gradients up: a looser atol
+    # (the 6 steps move weights by ~6e-3)
+    assert_same_weights(weights(os.path.join(a, "last.pt")), weights(os.path.join(b, "last.pt")), atol=2e-4)
+
+
+def test_unsupported_amp_is_a_config_error(monkeypatch):
+    def autocast_that_warns(device_type, dtype=None, **kwargs):
+        warnings.warn("In CPU autocast, but the target dtype is not supported. Disabling autocast.")
+        return torch.autocast(device_type, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(train.torch, "autocast", autocast_that_warns)
+    with pytest.raises(ConfigError, match=r"train.amp=fp16 is not supported on cpu .*use train.amp=off"):
+        train.amp_dtype("fp16", torch.device("cpu"))
+    assert train.amp_dtype("off", torch.device("cpu")) is None
+
+
+def test_yaml_off_means_amp_off(tmp_path, tiny_config):
+    assert load_config(tiny_config, ["train.amp=off"])["train"]["amp"] == "off"
+    with pytest.raises(ConfigError, match="train.amp must be one of"):
+        load_config(tiny_config, ["train.amp=fp8"])
+
+
+def test_compile_without_a_compiler_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(train.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="needs a C.. compiler"):
+        train.check_compile(torch.device("cpu"))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_training_matches_eager(tiny_config):
+    a, b = out_dir(tiny_config, "eager"), out_dir(tiny_config, "compiled")
+    train.main(["--config", tiny_config, "--train.steps=2", f"--train.out_dir={a}"])
+    train.main(["--config", tiny_config, "--train.steps=2", "--train.compile=true", f"--train.out_dir={b}"])
+    assert_same_weights(weights(os.path.join(a, "last.pt")), weights(os.path.join(b, "last.pt")), atol=2e-4)
