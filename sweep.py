@@ -1,7 +1,7 @@
 """Train several variants of a config side by side, score each with evaluate.py, and tabulate.
 
-    python sweep.py docs/sweep_cpu.yaml                  # the runs behind docs/cpu_recipe.md
-    python sweep.py docs/sweep_cpu.yaml --jobs 4 --device cuda --only base,lr4e-3
+    python sweep.py docs/sweeps/round3.yaml            # runs behind docs/cpu_recipe.md
+    python sweep.py docs/sweeps/round3.yaml --jobs 4 --device cuda --only default,lr3e-3
 
 The sweep file names a base config, the evaluation and the runs, each a set of dotted overrides:
 
@@ -29,9 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 import yaml
 
 from configuration import ConfigError, load_config, split_overrides
-from mnist_downloader import DownloadError, ensure_mnist, mirrors_from
+from mnist_downloader import FILES, DownloadError, ensure_mnist, mirrors_from
 from sample import atomic_write
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 COLUMNS = ["run", "overrides", "batch x steps", "train s", "FID", "floor FID", "conf > 0.9", "entropy",
            "precision", "recall"]
 
@@ -40,7 +41,12 @@ def load_sweep(path):
     if not os.path.isfile(path):
         raise ConfigError(f"sweep file {path!r} not found")
     with open(path) as f:
-        spec = yaml.safe_load(f) or {}
+        try:
+            spec = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(spec, dict) or "config" not in spec:
+        raise ConfigError(f"{path}: needs `config: path/to/base.yaml`")
     if not isinstance(spec.get("runs"), dict) or not spec["runs"]:
         raise ConfigError(f"{path}: needs a `runs:` mapping of name -> {{dotted.key: value}}")
     spec.setdefault("out_dir", "runs/sweep")
@@ -64,11 +70,11 @@ def run_one(name, overrides, spec, device, extra):
             return subprocess.run([sys.executable] + args, stdout=log, stderr=subprocess.STDOUT).returncode
 
         tic = time.perf_counter()
-        rc = call(["train.py", "--config", spec["config"], "--overwrite", "--device", device,
+        rc = call([os.path.join(HERE, "train.py"), "--config", spec["config"], "--overwrite", "--device", device,
                    f"--train.out_dir={out}"] + [f"--{o}" for o in overrides] + extra)
         row["train s"] = f"{time.perf_counter() - tic:.0f}"
         if rc == 0:
-            rc = call(["evaluate.py", "--ckpt", os.path.join(out, "last.pt"), "--data", cfg["data"]["root"],
+            rc = call([os.path.join(HERE, "evaluate.py"), "--ckpt", os.path.join(out, "last.pt"), "--data", cfg["data"]["root"],
                        "--device", device] + [str(a) for a in spec["evaluate"]])
     if rc != 0:
         row["FID"] = f"failed (exit {rc}, see {out}/sweep.log)"
@@ -91,7 +97,7 @@ def table(rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sweep", help="sweep file (YAML), e.g. docs/sweep_cpu.yaml")
+    p.add_argument("sweep", help="sweep file (YAML), e.g. docs/sweeps/round3.yaml")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="device for training and evaluation (default: %(default)s)")
     p.add_argument("--only", help="comma-separated run names (default: all)")
@@ -103,7 +109,8 @@ def main(argv=None):
     if unknown:
         raise ConfigError(f"--only names unknown runs {unknown}; the sweep has {list(spec['runs'])}")
     root = load_config(spec["config"])["data"]["root"]
-    ensure_mnist(root, mirrors_from(args.mirror))  # once, before runs that would race to fetch it
+    if not all(os.path.exists(os.path.join(root, f)) for f in FILES):
+        ensure_mnist(root, mirrors_from(args.mirror))  # once, before runs that would race to fetch it
     os.makedirs(spec["out_dir"], exist_ok=True)
     summary = os.path.join(spec["out_dir"], "summary.md")
     rows = {}
