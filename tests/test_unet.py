@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from configuration import ConfigError, load_config
 from unet import UNet
@@ -34,11 +35,15 @@ def test_default_config_builds_and_trains_one_step_quickly():
     model = UNet(**cfg["model"])
     opt = torch.optim.AdamW(model.parameters())
     x = torch.randn(cfg["train"]["batch_size"], 1, 28, 28)
-    loss = model(x, torch.randint(0, 1000, (len(x),))).pow(2).mean()
-    loss.backward()
+    with FlopCounterMode(display=False) as flops:
+        loss = model(x, torch.randint(0, 1000, (len(x),))).pow(2).mean()
+        loss.backward()
     opt.step()
     assert torch.isfinite(loss)
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
+    # the CPU budget of issue 7 is spent in FLOPs: the tuned default costs 0.42 GFLOP per training image;
+    # a default much above that no longer fits its 10 minutes (see docs/cpu_recipe.md)
+    assert flops.get_total_flops() / len(x) < 0.5e9
 
 
 @pytest.mark.parametrize("kwargs, key", [
