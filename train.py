@@ -475,6 +475,6 @@ if __name__ == "__main__":
     try:
         main()
     except (ConfigError, DownloadError, FileNotFoundError, TrainingDiverged) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)  # under torchrun, said once
     except KeyboardInterrupt:
         sys.exit(130)
