@@ -4,6 +4,8 @@
     python train.py --config config/default.yaml --val True       # + validation loss, best.pt
     python train.py --config config/default.yaml --train.lr=3e-4  # any config key, dotted
     python train.py --config config/default.yaml --resume         # continue <out_dir>/last.pt
+    python train.py --config config/default.yaml --train.amp=bf16 --train.compile=true   # on a GPU
+    torchrun --nproc_per_node=4 train.py --config config/large.yaml   # DDP; train.batch_size is global
 
 Writes to train.out_dir: last.pt (and best.pt with --val), log.csv (step, loss, lr,
 grad norm, images/s), val.csv, config.yaml and samples/step_*.png, a grid from fixed
@@ -11,19 +13,18 @@ noise at every evaluation.
 """
 
 import argparse
-import copy
 import contextlib
+import copy
 import csv
 import functools
+import importlib.util
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
 import time
-
-import shutil
-import importlib.util
 import warnings
 
 import torch
