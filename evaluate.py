@@ -529,10 +529,9 @@ def main(argv=None):
             sys.exit(f"error: {args.images} holds {len(images)} .png files; need at least 4")
         out_path = os.path.join(args.images, f"eval_{len(images)}.json")
 
-    from mnist_downloader import FILES, DownloadError, ensure_mnist
-    try:  # before sampling, so a missing dataset fails fast; files present were verified when downloaded
-        if not all(os.path.exists(os.path.join(args.data, f)) for f in FILES):
-            ensure_mnist(args.data)
+    from mnist_downloader import DownloadError, ensure_mnist_present
+    try:  # before sampling, so a missing dataset fails fast
+        ensure_mnist_present(args.data)
     except DownloadError as err:
         sys.exit(f"error: {err}")
 

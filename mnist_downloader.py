@@ -170,6 +170,13 @@ def _fetch_from_any(mirrors, name, sha256, size, dest, progress):
         "environment variable.")
 
 
+def ensure_mnist_present(root="data/mnist", mirrors=None):
+    """ensure_mnist only if a file is missing: the scripts call this at start-up, and files that are
+    present were verified when they were downloaded (MNIST() still checks their structure)."""
+    if not all(os.path.exists(os.path.join(root, f)) for f in FILES):
+        ensure_mnist(root, mirrors)
+
+
 def ensure_mnist(root="data/mnist", mirrors=None, files=FILES, progress=True):
     """Make sure every file of the table is in root and verified.
 

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import yaml
 
 from configuration import ConfigError, load_config, split_overrides
-from mnist_downloader import FILES, DownloadError, ensure_mnist, mirrors_from
+from mnist_downloader import DownloadError, ensure_mnist_present, mirrors_from
 from sample import atomic_write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -109,8 +109,7 @@ def main(argv=None):
     if unknown:
         raise ConfigError(f"--only names unknown runs {unknown}; the sweep has {list(spec['runs'])}")
     root = load_config(spec["config"])["data"]["root"]
-    if not all(os.path.exists(os.path.join(root, f)) for f in FILES):
-        ensure_mnist(root, mirrors_from(args.mirror))  # once, before runs that would race to fetch it
+    ensure_mnist_present(root, mirrors_from(args.mirror))  # once, before runs that would race to fetch it
     os.makedirs(spec["out_dir"], exist_ok=True)
     summary = os.path.join(spec["out_dir"], "summary.md")
     rows = {}

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from configuration import DEFAULTS, ConfigError, load_config, merge, pick_device, split_overrides, str2bool
 from linear_noise_scheduler import min_snr_weight
 from mnist import MNIST, to_float
-from mnist_downloader import FILES, DownloadError, ensure_mnist, mirrors_from
+from mnist_downloader import DownloadError, ensure_mnist_present, mirrors_from
 from sample import atomic_write, build, digit_rows, generate, load_checkpoint, make_grid, save_atomic
 
 LOG_FIELDS = ["step", "loss", "loss_q1", "loss_q2", "loss_q3", "loss_q4", "lr", "grad_norm", "img_per_s"]
@@ -331,8 +331,8 @@ def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None):
     if t_cfg["num_threads"]:
         torch.set_num_threads(t_cfg["num_threads"])
     torch.manual_seed(t_cfg["seed"])  # the same on every rank: each draws the global batch's noise, keeps its share
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not all(os.path.exists(os.path.join(root, f)) for f in FILES):
-        ensure_mnist(root, mirrors)  # files present were verified when downloaded; MNIST() checks their structure
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one download per machine
+        ensure_mnist_present(root, mirrors)
     if world > 1:
         dist.barrier()
     data = MNIST(root, "train")
