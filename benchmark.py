@@ -14,7 +14,6 @@ Measures, on random data shaped like MNIST (the numbers do not depend on the dat
 """
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -57,10 +56,8 @@ def benchmark(cfg, device, min_seconds=5.0, batch_size=None):
     t = cfg["train"]
     bs = batch_size or t["batch_size"]
     model, scheduler = build(cfg, device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], betas=(0.9, t["adam_beta2"]),
-                            weight_decay=t["weight_decay"])
-    runner = StepRunner(model, ema, opt, scheduler, t, device)  # train.amp, train.compile, channels_last apply
+    runner = StepRunner(model, scheduler, t, device)  # train.amp, train.compile, channels_last apply
+    ema = runner.ema
     x0 = torch.rand(bs, model.in_channels, model.image_size, model.image_size, device=device) * 2 - 1
     steps = torch.randint(0, scheduler.num_timesteps, (bs,), device=device)
     y = torch.randint(0, model.num_classes, (bs,), device=device) if model.num_classes else None

@@ -191,13 +191,17 @@ def check_compile(device):
 class StepRunner:
     """One optimizer step as train.py runs it, shared with benchmark.py: forward under autocast
     (train.amp), backward through a gradient scaler for fp16, clipping, AdamW, then the EMA.
+    It owns the EMA copy, the optimizer and the scaler, all built from the train section.
 
     `model` is the plain UNet whose state_dict is saved; `net` is what the forward runs through:
     the model itself, or DistributedDataParallel around it, or torch.compile of either.
     """
 
-    def __init__(self, model, ema, opt, scheduler, t_cfg, device):
-        self.model, self.ema, self.opt, self.scheduler, self.t_cfg = model, ema, opt, scheduler, t_cfg
+    def __init__(self, model, scheduler, t_cfg, device):
+        self.model, self.scheduler, self.t_cfg = model, scheduler, t_cfg
+        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=t_cfg["lr"], betas=(0.9, t_cfg["adam_beta2"]),
+                                     weight_decay=t_cfg["weight_decay"])
         self.dtype = amp_dtype(t_cfg["amp"], device)
         self.device = device
         self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
@@ -340,10 +344,8 @@ def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None):
     if len(images) < bs:
         raise ConfigError(f"train.batch_size {bs} exceeds the {len(images)} training images")
     model, scheduler = build(cfg, device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=t_cfg["lr"], betas=(0.9, t_cfg["adam_beta2"]),
-                            weight_decay=t_cfg["weight_decay"])
-    runner = StepRunner(model, ema, opt, scheduler, t_cfg, device)
+    runner = StepRunner(model, scheduler, t_cfg, device)
+    ema, opt = runner.ema, runner.opt
     step, best_val = 0, float("inf")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
