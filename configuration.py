@@ -48,9 +48,8 @@ DEFAULTS = {
                "guidance": 1.0},  # conditional models: eps_u + guidance * (eps_c - eps_u)
 }
 
-AMP_CHOICES = ["off", "bf16", "fp16"]
 CHOICES = {("train", "lr_schedule"): ["constant", "cosine"], ("train", "loss_weighting"): ["none", "min_snr"],
-           ("train", "timestep_sampling"): ["uniform", "logit_normal"], ("train", "amp"): list(AMP_CHOICES),
+           ("train", "timestep_sampling"): ["uniform", "logit_normal"], ("train", "amp"): ["off", "bf16", "fp16"],
            ("sample", "sampler"): ["ddpm", "ddim", "dpm++"]}
 POSITIVE = {("train", k) for k in ["steps", "batch_size", "lr", "eval_every", "log_every", "val_samples",
                                    "min_snr_gamma", "logit_normal_std"]} | {("diffusion", "num_timesteps"), ("diffusion", "beta_start"),
@@ -88,16 +87,20 @@ def _set(cfg, dotted, value, origin):
     cfg[section][key] = value
 
 
-def load_config(path, overrides=()):
-    """DEFAULTS <- YAML file at `path` <- overrides ["train.lr=3e-4", ...]; validated."""
+def read_yaml(path, what="config file", hint=" (try config/default.yaml)"):
+    """The YAML document at path ({} if empty); a missing file or bad YAML is a ConfigError."""
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} not found (try config/default.yaml)")
+        raise ConfigError(f"{what} {path!r} not found{hint}")
     with open(path) as f:
         try:
-            data = yaml.safe_load(f) or {}
+            return yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    return merge(DEFAULTS, data, overrides, origin=path)
+
+
+def load_config(path, overrides=()):
+    """DEFAULTS <- YAML file at `path` <- overrides ["train.lr=3e-4", ...]; validated."""
+    return merge(DEFAULTS, read_yaml(path), overrides, origin=path)
 
 
 def merge(base, data, overrides=(), origin="config"):

@@ -26,9 +26,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import yaml
-
-from configuration import ConfigError, load_config, split_overrides
+from configuration import ConfigError, load_config, read_yaml, split_overrides
 from mnist_downloader import DownloadError, ensure_mnist_present, mirrors_from
 from sample import atomic_write
 
@@ -38,13 +36,7 @@ COLUMNS = ["run", "overrides", "batch x steps", "train s", "FID", "floor FID", "
 
 
 def load_sweep(path):
-    if not os.path.isfile(path):
-        raise ConfigError(f"sweep file {path!r} not found")
-    with open(path) as f:
-        try:
-            spec = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    spec = read_yaml(path, "sweep file", hint="")
     if not isinstance(spec, dict) or "config" not in spec:
         raise ConfigError(f"{path}: needs `config: path/to/base.yaml`")
     if not isinstance(spec.get("runs"), dict) or not spec["runs"]:
