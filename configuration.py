@@ -43,9 +43,11 @@ DEFAULTS = {
         "amp": "off",  # off | bf16 | fp16 (autocast; fp16 with a gradient scaler)
         "compile": False,  # torch.compile the network for training
         "channels_last": False,  # NHWC memory format (helps convolutions under AMP on GPUs)
+        "guide_fraction": 0.0,  # > 0: keep the EMA at this share of the steps as the autoguidance guide
     },
     "sample": {"sampler": "ddim", "steps": 50, "eta": 0.0, "num_samples": 64, "batch_size": 256, "seed": 0,
-               "guidance": 1.0},  # conditional models: eps_u + guidance * (eps_c - eps_u)
+               "guidance": 1.0,  # conditional models: eps_u + guidance * (eps_c - eps_u)
+               "autoguidance": 1.0},  # models with a guide: eps_g + autoguidance * (eps - eps_g); 1 = off
 }
 
 CHOICES = {("train", "lr_schedule"): ["constant", "cosine"], ("train", "loss_weighting"): ["none", "min_snr"],
@@ -145,8 +147,11 @@ def validate(cfg):
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t['ema_decay']}")
     if not 0 <= t["cond_drop_prob"] <= 1:
         raise ConfigError(f"train.cond_drop_prob must be in [0, 1], got {t['cond_drop_prob']}")
-    if cfg["sample"]["guidance"] < 0:
-        raise ConfigError(f"sample.guidance must be >= 0, got {cfg['sample']['guidance']}")
+    for key in ["guidance", "autoguidance"]:
+        if cfg["sample"][key] < 0:
+            raise ConfigError(f"sample.{key} must be >= 0, got {cfg['sample'][key]}")
+    if not 0 <= t["guide_fraction"] < 1:
+        raise ConfigError(f"train.guide_fraction must be in [0, 1) (0 = no guide), got {t['guide_fraction']}")
     if not 0 <= t["min_lr_ratio"] <= 1:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t['min_lr_ratio']}")
     from unet import check_config  # the model's structural checks, at load time rather than mid-run

@@ -1,6 +1,7 @@
 """Score generated MNIST digits against real ones.
 
-    python evaluate.py --ckpt runs/x/ckpt.pt [--sampler ddim --steps 50 --eta 0.0]
+    python evaluate.py --ckpt runs/default/last.pt     # sampled as its config's sample section says
+    python evaluate.py --ckpt runs/default/last.pt --sampler ddpm --steps 50 --autoguidance 1
     python evaluate.py --images some/folder/of/pngs
 
 Inception features mean little on 28x28 digits, so every feature-based metric
@@ -45,7 +46,7 @@ from torch import nn
 
 from mnist import MNIST
 from mnist import to_float as mnist_to_float
-from sample import atomic_write, generate, load_model
+from sample import atomic_write, generate, load_guide, load_model
 
 CLASSIFIER_FILE = "classifier.pt"
 FLOOR_CACHE_FILE = "eval_floor_cache.json"
@@ -448,15 +449,20 @@ def load_png_folder(folder, limit=None):
 
 
 def sample_from_checkpoint(args, guidance=None):
-    """(images, labels): labels are the digits asked of a conditional model (0..9 in turn), else None."""
+    """(images, labels): labels are the digits asked of a conditional model (0..9 in turn), else None.
+    Sampler settings not given on the command line are filled into args from the checkpoint's config."""
     model, scheduler, cfg = load_model(args.ckpt, args.device)
+    for key in ["sampler", "steps", "eta", "autoguidance"]:
+        if getattr(args, key) is None:
+            setattr(args, key, cfg["sample"][key])
     labels = torch.arange(args.num_samples) % model.num_classes if model.num_classes else None
     guidance = cfg["sample"]["guidance"] if guidance is None else guidance
     try:
+        guide = load_guide(args.ckpt, args.autoguidance, args.device)
         images = generate(model, scheduler, args.num_samples, seed=args.seed, batch_size=args.batch_size,
                           sampler=args.sampler, steps=args.steps, eta=args.eta, device=args.device,
-                          labels=labels, guidance=guidance)
-    except ValueError as err:  # e.g. an unknown --sampler
+                          labels=labels, guidance=guidance, guide=guide, autoguidance=args.autoguidance)
+    except ValueError as err:  # e.g. an unknown --sampler, or autoguidance without a guide
         sys.exit(f"error: {err}")
     return images, labels
 
@@ -487,11 +493,15 @@ def parse_args(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="checkpoint to sample from (EMA weights)")
     source.add_argument("--images", metavar="DIR", help="folder of 28x28 grayscale .png digits")
-    parser.add_argument("--sampler", default="ddim", help="sampler for --ckpt (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=50, help="sampling steps (default: %(default)s)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: %(default)s)")
+    parser.add_argument("--sampler", help="sampler for --ckpt: ddpm, ddim or dpm++ (default: the checkpoint's "
+                                          "sample.sampler)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's sample.steps)")
+    parser.add_argument("--eta", type=float, help="DDIM eta (default: the checkpoint's sample.eta)")
     parser.add_argument("--guidance", type=float,
                         help="conditional checkpoints: guidance w (default: the checkpoint's sample.guidance)")
+    parser.add_argument("--autoguidance", type=float,
+                        help="checkpoints with a guide: autoguidance w, 1 = off (default: the checkpoint's "
+                             "sample.autoguidance)")
     parser.add_argument("--guidance_sweep", type=lambda text: [float(w) for w in text.split(",")],
                         metavar="W1,W2,...", help="conditional checkpoints: also score each guidance w")
     parser.add_argument("--num_samples", type=int,
@@ -539,8 +549,9 @@ def main(argv=None):
     if images is None:
         images, labels = sample_from_checkpoint(args, args.guidance)
         eta = f"_eta{args.eta:g}" if args.eta else ""
+        ag = f"_ag{args.autoguidance:g}" if args.autoguidance != 1 else ""
         out_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
-                                f"eval_{args.sampler}_{args.steps}{eta}_{args.num_samples}.json")
+                                f"eval_{args.sampler}_{args.steps}{eta}{ag}_{args.num_samples}.json")
     t_sampled = time.time()
 
     result = evaluate_images(images, args.data, seed=args.seed, device=args.device, labels=labels)

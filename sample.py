@@ -3,10 +3,13 @@
     python sample.py --config config/default.yaml                     # last checkpoint, config's sampler
     python sample.py --config config/default.yaml --from_val True     # best-validation checkpoint
     python sample.py --config config/default.yaml --sampler dpm++ --steps 20 --save_images out/
+    python sample.py --config config/default.yaml --autoguidance 1 --steps 50   # without the guide
 
 The model is rebuilt from the config stored in the checkpoint and runs with its EMA
-weights. Image i depends only on --seed and i, never on the batch size or on how
-many images are asked for: each image has its own random-number generator.
+weights; with autoguidance (sample.autoguidance != 1) also the checkpoint's guide, an early
+EMA snapshot kept by train.py (train.guide_fraction). Image i depends only on --seed and i,
+never on the batch size or on how many images are asked for: each image has its own
+random-number generator.
 """
 
 import argparse
@@ -38,13 +41,27 @@ def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_model(ckpt_path, device="cpu"):
-    """(model with EMA weights in eval mode, scheduler, config) from a checkpoint."""
+def load_model(ckpt_path, device="cpu", weights="ema"):
+    """(model in eval mode, scheduler, config) from a checkpoint. weights: "ema" (the model to
+    sample from) or "guide" (the early EMA snapshot that autoguidance steers away from)."""
     ckpt = load_checkpoint(ckpt_path)
     cfg = merge(DEFAULTS, ckpt["config"], origin=ckpt_path)  # keys added since it was saved get defaults
+    if weights == "guide" and ckpt.get("guide") is None:
+        raise ConfigError(f"{ckpt_path} holds no autoguidance guide: it was trained with train.guide_fraction = 0 "
+                          f"or saved before step {guide_step(cfg['train'])}; sample it with autoguidance 1")
     model, scheduler = build(cfg, device)
-    model.load_state_dict(ckpt["ema"])
+    model.load_state_dict(ckpt[weights])
     return model.eval(), scheduler, cfg
+
+
+def guide_step(t_cfg):
+    """The step whose EMA weights train.py keeps as the guide (None without one)."""
+    return max(1, round(t_cfg["guide_fraction"] * t_cfg["steps"])) if t_cfg["guide_fraction"] else None
+
+
+def load_guide(ckpt_path, autoguidance, device="cpu"):
+    """The guide model of a checkpoint if autoguidance is on (w != 1), else None."""
+    return None if autoguidance == 1.0 else load_model(ckpt_path, device, "guide")[0]
 
 
 def image_seed(seed, i):
@@ -58,10 +75,16 @@ def _randn(generators, shape, device):
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
-def predict_eps(model, x, t, labels=None, guidance=1.0):
-    """eps_theta(x, t) at the int timestep t; for a conditional model with labels, the
-    classifier-free-guided eps, both branches evaluated in one batched network call."""
+def predict_eps(model, x, t, labels=None, guidance=1.0, guide=None, autoguidance=1.0):
+    """eps_theta(x, t) at the int timestep t. For a conditional model with labels, the
+    classifier-free-guided eps, both branches evaluated in one batched network call. With a
+    guide (an early, weaker snapshot of the same model), the autoguided eps of Karras et al.
+    2024, "Guiding a diffusion model with a bad version of itself": the guide's eps pushed
+    towards the model's, eps_g + w (eps - eps_g), which steers samples away from the guide's
+    errors; it costs a second network evaluation."""
     tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+    if guide is not None and autoguidance != 1.0:
+        return guided_eps(model(x, tt, labels), guide(x, tt, labels), autoguidance)
     if labels is None or guidance == 1.0:
         return model(x, tt, labels)
     null = torch.full_like(labels, model.num_classes)
@@ -71,16 +94,22 @@ def predict_eps(model, x, t, labels=None, guidance=1.0):
 
 @torch.inference_mode()
 def generate(model, scheduler, num_samples, *, seed=0, batch_size=256, sampler="ddim", steps=50, eta=0.0,
-             device="cpu", progress=True, record=None, labels=None, guidance=1.0):
+             device="cpu", progress=True, record=None, labels=None, guidance=1.0, guide=None, autoguidance=1.0):
     """num_samples images (float, (N, C, H, W) in [-1, 1], on the CPU).
 
     sampler: "ddpm" (ancestral, DDPM eq. 11 / respaced posterior), "ddim" (DDIM eq. 12 with eta)
-    or "dpm++" (DPM-Solver++(2M)); steps: network evaluations per image (None = all T).
+    or "dpm++" (DPM-Solver++(2M)); steps: sampling steps (None = all T), one network evaluation
+    each, two with guidance w != 1 or autoguidance != 1.
     labels (num_samples,): digits asked of a conditional model, sampled with guidance w.
+    guide: the checkpoint's guide model (load_guide), used with autoguidance w != 1.
     record(index, x_t, x0_pred), if given, is called for the first batch at every step.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if autoguidance != 1.0 and guide is None:
+        raise ConfigError("autoguidance != 1 needs the checkpoint's guide model (train.guide_fraction > 0)")
+    if autoguidance != 1.0 and labels is not None and guidance != 1.0:
+        raise ConfigError("use classifier-free guidance or autoguidance, not both: set one of them to 1")
     if labels is not None and not model.num_classes:
         raise ConfigError("this checkpoint is unconditional (model.num_classes = 0): it cannot be asked "
                           "for a digit; train one with config/conditional.yaml")
@@ -97,7 +126,7 @@ def generate(model, scheduler, num_samples, *, seed=0, batch_size=256, sampler="
         x = _randn(gens, shape, device)
         x0_last = t_last = None
         for k, (t, t_prev) in enumerate(zip(ts, prevs)):
-            eps = predict_eps(model, x, t, y, guidance)
+            eps = predict_eps(model, x, t, y, guidance, guide, autoguidance)
             x0 = scheduler.predict_x0(x, eps, t).clamp(-1.0, 1.0)
             if record is not None and start == 0:
                 record(k, x, x0)
@@ -177,8 +206,8 @@ def parse_args(argv):
     p.add_argument("--ckpt", help="checkpoint path (default: <out_dir>/last.pt, or best.pt with --from_val True)")
     p.add_argument("--from_val", type=str2bool, default=False, help="use the best-validation checkpoint")
     p.add_argument("--sampler", choices=SAMPLERS, help="default: sample.sampler of the config")
-    p.add_argument("--steps", type=int, help="network evaluations per image (default: sample.steps; "
-                                             "all T for ddpm)")
+    p.add_argument("--steps", type=int, help="sampling steps, one network evaluation each (two with guidance "
+                                             "or autoguidance) (default: sample.steps; all T for ddpm)")
     p.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 DDPM-like (default: sample.eta)")
     p.add_argument("--num_samples", type=int, help="default: sample.num_samples")
     p.add_argument("--batch_size", type=int, help="default: sample.batch_size")
@@ -188,6 +217,9 @@ def parse_args(argv):
     p.add_argument("--guidance", type=float, help="conditional models: classifier-free guidance w, "
                                                   "eps_u + w (eps_c - eps_u); 1 = plain conditional "
                                                   "(default: sample.guidance)")
+    p.add_argument("--autoguidance", type=float, help="checkpoints with a guide (train.guide_fraction > 0): "
+                                                      "eps_g + w (eps - eps_g); 1 = off; each step then costs "
+                                                      "two network evaluations (default: sample.autoguidance)")
     p.add_argument("--out", help="grid PNG (default: <out_dir>/samples_<sampler>_<steps>.png)")
     p.add_argument("--save_images", metavar="DIR", help="also write one 28x28 PNG per sample into DIR")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, mps")
@@ -208,8 +240,9 @@ def main(argv=None):
         raise ConfigError(f"--steps must be in [1, {scheduler.num_timesteps}], got {s['steps']}")
     if s["num_samples"] < 1 or s["batch_size"] < 1:
         raise ConfigError("--num_samples and --batch_size must be >= 1")
-    if s["eta"] < 0 or s["guidance"] < 0:
-        raise ConfigError("--eta and --guidance must be >= 0")
+    if s["eta"] < 0 or s["guidance"] < 0 or s["autoguidance"] < 0:
+        raise ConfigError("--eta, --guidance and --autoguidance must be >= 0")
+    guide = load_guide(ckpt_path, s["autoguidance"], device)
     labels, nrow = None, None
     if args.digit is not None:  # generate() refuses it for an unconditional model
         labels = torch.full((s["num_samples"],), args.digit)
@@ -218,15 +251,16 @@ def main(argv=None):
     frames = []
     images = generate(model, scheduler, len(labels) if labels is not None else s["num_samples"], seed=s["seed"],
                       batch_size=s["batch_size"], sampler=s["sampler"], steps=s["steps"], eta=s["eta"],
-                      device=device, labels=labels, guidance=s["guidance"],
+                      device=device, labels=labels, guidance=s["guidance"], guide=guide, autoguidance=s["autoguidance"],
                       record=lambda k, x_t, x0: frames.append((x_t[:16].cpu(), x0[:16].cpu())))
-    tag = f"{s['sampler']}_{s['steps']}".replace("+", "p")
+    tag = f"{s['sampler']}_{s['steps']}".replace("+", "p") + (f"_ag{s['autoguidance']:g}" if guide else "")
     if labels is not None:
         tag += f"_w{s['guidance']:g}" + (f"_digit{args.digit}" if args.digit is not None else "")
     grid_path = args.out or os.path.join(os.path.dirname(ckpt_path), f"samples_{tag}.png")
     nrow = nrow or (min(8, len(images)) if len(images) < 64 else int(len(images) ** 0.5))
     save_atomic(make_grid(images, nrow=nrow), grid_path)
-    print(f"{len(images)} samples ({s['sampler']}, {s['steps']} steps, seed {s['seed']}) from {ckpt_path}: {grid_path}")
+    how = f"{s['sampler']}, {s['steps']} steps" + (f", autoguidance {s['autoguidance']:g}" if guide else "")
+    print(f"{len(images)} samples ({how}, seed {s['seed']}) from {ckpt_path}: {grid_path}")
     ts = timestep_list(scheduler.num_timesteps, s["steps"])
     base = os.path.splitext(grid_path)[0]
     save_denoising(frames, ts, f"{base}_strip.png", f"{base}_denoising.gif")

@@ -7,7 +7,7 @@ The sweep file names a base config, the evaluation and the runs, each a set of d
 
     config: config/default.yaml
     out_dir: runs/sweep                  # one folder per run inside
-    evaluate: [--sampler, ddpm, --steps, "50", --num_samples, "1000"]
+    evaluate: [--num_samples, "1000"]    # evaluate.py's arguments; its sampler defaults to the run's config
     runs:
       base: {}
       lr4e-3: {train.lr: 0.004}
@@ -42,7 +42,7 @@ def load_sweep(path):
     if not isinstance(spec.get("runs"), dict) or not spec["runs"]:
         raise ConfigError(f"{path}: needs a `runs:` mapping of name -> {{dotted.key: value}}")
     spec.setdefault("out_dir", "runs/sweep")
-    spec.setdefault("evaluate", ["--sampler", "ddpm", "--steps", "50", "--num_samples", "1000"])
+    spec.setdefault("evaluate", ["--num_samples", "1000"])
     for name, overrides in spec["runs"].items():
         spec["runs"][name] = [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()]
         load_config(spec["config"], spec["runs"][name])  # a typo fails now, not after an hour

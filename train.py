@@ -37,7 +37,7 @@ from configuration import DEFAULTS, ConfigError, load_config, merge, pick_device
 from linear_noise_scheduler import min_snr_weight
 from mnist import MNIST, to_float
 from mnist_downloader import DownloadError, ensure_mnist_present, mirrors_from
-from sample import atomic_write, build, digit_rows, generate, load_checkpoint, make_grid, save_atomic
+from sample import atomic_write, build, digit_rows, generate, guide_step, load_checkpoint, make_grid, save_atomic
 
 LOG_FIELDS = ["step", "loss", "loss_q1", "loss_q2", "loss_q3", "loss_q4", "lr", "grad_norm", "img_per_s"]
 VAL_FIELDS = ["step", "val_loss", "val_q1", "val_q2", "val_q3", "val_q4"]
@@ -347,6 +347,9 @@ def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None):
     runner = StepRunner(model, scheduler, t_cfg, device)
     ema, opt = runner.ema, runner.opt
     step, best_val = 0, float("inf")
+    # Autoguidance: the EMA weights at guide_at, kept beside the final ones (a weaker version of the
+    # same model for sample.py to steer away from). Free in training time: a copy of the weights.
+    guide_at, guide = guide_step(t_cfg), None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
@@ -354,6 +357,10 @@ def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None):
         if runner.scaler is not None and ckpt.get("scaler"):
             runner.scaler.load_state_dict(ckpt["scaler"])
         step, best_val = ckpt["step"], ckpt["best_val"]
+        guide = ckpt.get("guide")
+        if guide_at is not None and guide is None and step >= guide_at and lead:
+            print(f"note: the checkpoint is past train.guide_fraction's step {guide_at} and holds no guide; "
+                  "this run will have none (sample it with autoguidance 1)")
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
@@ -379,7 +386,7 @@ def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None):
         rng = {"torch": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []}
         save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                                "scaler": runner.scaler.state_dict() if runner.scaler is not None else {},
-                               "step": step, "best_val": best_val, "rng": rng, "config": cfg})
+                               "step": step, "best_val": best_val, "rng": rng, "config": cfg, "guide": guide})
 
     def evaluate():
         """Validation loss (every rank: it is reduced across them), then rank 0's grid and checkpoints."""
@@ -395,15 +402,22 @@ def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None):
         if lead:
             s = cfg["sample"]
             grid_labels, nrow = digit_rows(64, model.num_classes) if model.num_classes else (None, 8)
+            w = s["autoguidance"] if guide is not None else 1.0  # before the guide exists: plain sampling
             grid = generate(ema, scheduler, 64 if grid_labels is None else len(grid_labels), seed=s["seed"],
                             batch_size=64, sampler=s["sampler"], steps=s["steps"], eta=s["eta"], device=device,
-                            progress=False, labels=grid_labels, guidance=s["guidance"])
+                            progress=False, labels=grid_labels, guidance=s["guidance"],
+                            guide=guide_model(guide) if w != 1.0 else None, autoguidance=w)
             save_atomic(make_grid(grid, nrow=nrow), os.path.join(out_dir, "samples", f"step_{step:06d}.png"))
             if is_best:
                 checkpoint(os.path.join(out_dir, "best.pt"))
                 msg += " best"
             checkpoint(last_path)
             tqdm.write(msg)
+
+    def guide_model(state):
+        g = copy.deepcopy(ema)
+        g.load_state_dict(state)
+        return g
 
     def global_batch(step):
         """The batch of `step` (a pure function of the step and the RNG state), and this rank's share."""
@@ -432,6 +446,8 @@ def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None):
                 loss, per_sample, grad_norm = runner(x0, t, noise, y, lr,
                                                      min(t_cfg["ema_decay"], (1 + step) / (10 + step)))
                 step += 1
+                if step == guide_at:
+                    guide = {k: v.detach().clone() for k, v in ema.state_dict().items()}
                 acc_loss += loss.detach()
                 acc_n += 1
                 acc_q.append((per_sample.detach(), t))
