@@ -152,6 +152,9 @@ def validate(cfg):
             raise ConfigError(f"sample.{key} must be >= 0, got {cfg['sample'][key]}")
     if not 0 <= t["guide_fraction"] < 1:
         raise ConfigError(f"train.guide_fraction must be in [0, 1) (0 = no guide), got {t['guide_fraction']}")
+    if cfg["sample"]["autoguidance"] != 1.0 and not t["guide_fraction"]:
+        raise ConfigError(f"sample.autoguidance = {cfg['sample']['autoguidance']} needs a guide: set "
+                          "train.guide_fraction > 0, or sample.autoguidance=1 to sample without one")
     if not 0 <= t["min_lr_ratio"] <= 1:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t['min_lr_ratio']}")
     from unet import check_config  # the model's structural checks, at load time rather than mid-run

@@ -113,4 +113,6 @@ def test_guide_fraction_out_of_range_is_a_config_error(tiny_config):
     with pytest.raises(ConfigError, match="guide_fraction"):
         train.main(["--config", tiny_config, "--train.guide_fraction=1.0"])
     with pytest.raises(ConfigError, match="autoguidance"):
-        train.main(["--config", tiny_config, "--sample.autoguidance=-1"])
+        train.main(["--config", tiny_config, "--sample.autoguidance=-1"] + GUIDE)
+    with pytest.raises(ConfigError, match="needs a guide"):
+        train.main(["--config", tiny_config, "--sample.autoguidance=2"])  # and no train.guide_fraction
