@@ -34,6 +34,7 @@ DEFAULTS = {
         "timestep_sampling": "uniform",  # uniform | logit_normal: t/T ~ sigmoid(N(mean, std)) (Esser et al. 2024)
         "logit_normal_mean": 0.0,
         "logit_normal_std": 1.0,
+        "stratified_timesteps": False,  # one timestep per 1/batch quantile band of that distribution (VDM)
         "adam_beta2": 0.999,
         "cond_drop_prob": 0.1,  # conditional models: share of labels replaced by "no label"
         "eval_every": 500,  # checkpoint, sample grid and (with --val) validation loss

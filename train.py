@@ -81,10 +81,20 @@ def per_quarter(values, t, num_timesteps):
 
 def sample_timesteps(n, num_timesteps, t_cfg, device):
     """Training timesteps: uniform over 0..T-1 (DDPM), or logit-normal, which puts more of the batch
-    on the middle of the chain, where the digit's shape is decided."""
-    if t_cfg["timestep_sampling"] == "uniform":
+    on the middle of the chain, where the digit's shape is decided.
+
+    With train.stratified_timesteps the batch takes one draw from each 1/n-quantile band of that
+    distribution (u_i = (i + U_i) / n pushed through its inverse CDF), the low-discrepancy sampler
+    of Kingma et al. 2021 (VDM, appendix): the same distribution, a lower-variance loss."""
+    lognorm = t_cfg["timestep_sampling"] == "logit_normal"
+    if t_cfg["stratified_timesteps"]:
+        u = (torch.arange(n, device=device) + torch.rand(n, device=device)) / n
+        if lognorm:
+            u = torch.sigmoid(torch.special.ndtri(u) * t_cfg["logit_normal_std"] + t_cfg["logit_normal_mean"])
+    elif lognorm:
+        u = torch.sigmoid(torch.randn(n, device=device) * t_cfg["logit_normal_std"] + t_cfg["logit_normal_mean"])
+    else:
         return torch.randint(0, num_timesteps, (n,), device=device)
-    u = torch.sigmoid(torch.randn(n, device=device) * t_cfg["logit_normal_std"] + t_cfg["logit_normal_mean"])
     return (u * num_timesteps).long().clamp_(0, num_timesteps - 1)
 
 

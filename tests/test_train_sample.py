@@ -159,12 +159,28 @@ def test_ctrl_c_stops_between_steps_and_resumes_exactly(tiny_config, tmp_path, m
 
 
 def test_logit_normal_timesteps_stay_in_range_and_shift_with_the_mean():
-    cfg = {"timestep_sampling": "logit_normal", "logit_normal_std": 1.0}
+    cfg = {"timestep_sampling": "logit_normal", "logit_normal_std": 1.0, "stratified_timesteps": False}
     low = train.sample_timesteps(20000, 1000, {**cfg, "logit_normal_mean": -1.0}, "cpu")
     mid = train.sample_timesteps(20000, 1000, {**cfg, "logit_normal_mean": 0.0}, "cpu")
     for t in (low, mid):
         assert t.dtype == torch.long and 0 <= t.min() and t.max() <= 999
     assert abs(mid.float().median() - 500) < 15  # sigmoid(N(0, 1)) has median 1/2
     assert low.float().median() < 300  # sigmoid(-1) = 0.27
-    uniform = train.sample_timesteps(20000, 1000, {"timestep_sampling": "uniform"}, "cpu")
+    uniform = train.sample_timesteps(20000, 1000, {"timestep_sampling": "uniform", "stratified_timesteps": False}, "cpu")
     assert uniform.bincount(minlength=1000).min() > 0
+
+
+def test_stratified_timesteps_take_one_draw_per_quantile_band_of_the_same_distribution():
+    torch.manual_seed(0)
+    uniform = {"timestep_sampling": "uniform", "stratified_timesteps": True}
+    assert torch.equal(train.sample_timesteps(1000, 1000, uniform, "cpu"), torch.arange(1000))  # band i is [i, i+1)
+    cfg = {"timestep_sampling": "logit_normal", "logit_normal_std": 1.0, "logit_normal_mean": -1.0}
+    strat = torch.stack([train.sample_timesteps(64, 1000, {**cfg, "stratified_timesteps": True}, "cpu")
+                         for _ in range(500)]).float()
+    plain = torch.stack([train.sample_timesteps(64, 1000, {**cfg, "stratified_timesteps": False}, "cpu")
+                         for _ in range(500)]).float()
+    # draw i of a batch lies in the i-th 1/64 quantile band of sigmoid(N(-1, 1)), scaled to 0..999
+    edges = torch.sigmoid(torch.special.ndtri(torch.arange(65) / 64) - 1.0) * 1000
+    assert ((strat >= edges[:-1].floor() - 1) & (strat <= edges[1:].ceil())).all()
+    assert abs(strat.mean() - plain.mean()) < 10  # the same distribution (mean ~300, batch std ~22)
+    assert strat.mean(1).std() < plain.mean(1).std() / 5  # but the batch means barely vary
