@@ -87,14 +87,14 @@ def sample_timesteps(n, num_timesteps, t_cfg, device):
     distribution (u_i = (i + U_i) / n pushed through its inverse CDF), the low-discrepancy sampler
     of Kingma et al. 2021 (VDM, appendix): the same distribution, a lower-variance loss."""
     lognorm = t_cfg["timestep_sampling"] == "logit_normal"
-    if t_cfg["stratified_timesteps"]:
-        u = (torch.arange(n, device=device) + torch.rand(n, device=device)) / n
-        if lognorm:
-            u = torch.sigmoid(torch.special.ndtri(u) * t_cfg["logit_normal_std"] + t_cfg["logit_normal_mean"])
-    elif lognorm:
-        u = torch.sigmoid(torch.randn(n, device=device) * t_cfg["logit_normal_std"] + t_cfg["logit_normal_mean"])
-    else:
+    stratified = t_cfg["stratified_timesteps"]
+    if not (lognorm or stratified):
         return torch.randint(0, num_timesteps, (n,), device=device)
+    if stratified:
+        u = (torch.arange(n, device=device) + torch.rand(n, device=device)) / n
+    if lognorm:  # z ~ N(0, 1), through the normal's inverse CDF when stratified
+        z = torch.special.ndtri(u) if stratified else torch.randn(n, device=device)
+        u = torch.sigmoid(z * t_cfg["logit_normal_std"] + t_cfg["logit_normal_mean"])
     return (u * num_timesteps).long().clamp_(0, num_timesteps - 1)
 
 
