@@ -24,9 +24,10 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from configuration import ConfigError, load_config, pick_device, split_overrides
-from sample import build
-from train import StepRunner, diffusion_loss
+from configuration import DEVICE_HELP, load_config, pick_device, run_cli, split_overrides
+from fileio import build
+from linear_noise_scheduler import diffusion_loss
+from train_util import StepRunner
 
 
 def sync(device):
@@ -105,7 +106,7 @@ def benchmark(cfg, device, min_seconds=5.0, batch_size=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="config/default.yaml")
-    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--seconds", type=float, default=5.0, help="minimum timing per measurement")
     p.add_argument("--json", help="also write the numbers here (default: print only)")
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
@@ -139,7 +140,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

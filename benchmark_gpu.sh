@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Training speed of config/default.yaml on one GPU with AMP and torch.compile off and on (issue 6):
+# Training speed of config/default.yaml on one GPU with AMP and torch.compile off and on:
 # benchmark.py (the exact step train.py runs) at the config's batch of 64 and at 1024.
 #
 #   bash benchmark_gpu.sh [out_dir]          # about 3 minutes on an H200; writes out_dir/summary.md

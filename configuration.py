@@ -1,71 +1,101 @@
-"""Config: defaults in code, a YAML file on top, dotted command-line overrides on top of that.
+"""The config schema: every key, its default and what it means; YAML files and dotted overrides on top.
 
-Every key that exists is listed in DEFAULTS; the `model:` and `diffusion:` sections feed
-UNet(**cfg["model"]) and LinearNoiseScheduler(**cfg["diffusion"]) one to one. A key
-that is not here, a value of the wrong type, or a value out of range is an error
-that names the key.
+    python configuration.py config/default.yaml [--train.lr=3e-4 ...]   # the resolved config and the key table
+
+The defaults are the DDPM paper's choices (Ho et al. 2020: linear betas, uniform timesteps, the plain
+eps loss, Adam at 2e-4 with EMA 0.9999, ancestral sampling over all T steps) on the small MNIST UNet
+that the configs train; config/*.yaml list only what they change. The `model:` and `diffusion:`
+sections feed UNet(**cfg["model"]) and LinearNoiseScheduler(**cfg["diffusion"]) one to one.
+A key that is not here, a value of the wrong type, or a value out of range is a ConfigError naming
+the key. This module imports nothing of the project, so every other module can import it.
 """
 
 import copy
 import os
+import sys
 
 import yaml
 
-DEFAULTS = {
-    "data": {"root": "data/mnist"},
-    "model": {"image_size": 28, "in_channels": 1, "channels": [32, 64, 64], "num_res_blocks": 1,
-              "attention": [False, False, True], "mid_attention": True, "num_heads": 4,
-              "norm_groups": 8, "dropout": 0.0, "num_classes": 0},
-    "diffusion": {"num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02},
-    "train": {
-        "out_dir": "runs/default",  # checkpoints, log.csv, sample grids
-        "seed": 0,
-        "steps": 2000,
-        "batch_size": 128,
-        "lr": 1e-3,
-        "lr_schedule": "cosine",  # constant | cosine (to min_lr_ratio * lr at the last step)
-        "min_lr_ratio": 0.1,
-        "warmup_steps": 100,
-        "weight_decay": 0.0,
-        "grad_clip": 1.0,
-        "ema_decay": 0.999,  # with warm-up: min(ema_decay, (1 + step) / (10 + step))
-        "loss_weighting": "none",  # none | min_snr (Hang et al. 2023, gamma = min_snr_gamma)
-        "min_snr_gamma": 5.0,
-        "timestep_sampling": "uniform",  # uniform | logit_normal: t/T ~ sigmoid(N(mean, std)) (Esser et al. 2024)
-        "logit_normal_mean": 0.0,
-        "logit_normal_std": 1.0,
-        "stratified_timesteps": False,  # one timestep per 1/batch quantile band of that distribution (VDM)
-        "adam_beta2": 0.999,
-        "cond_drop_prob": 0.1,  # conditional models: share of labels replaced by "no label"
-        "eval_every": 500,  # checkpoint, sample grid and (with --val) validation loss
-        "val_samples": 2000,  # test images used for the validation loss
-        "log_every": 25,
-        "num_threads": 0,  # torch CPU threads; 0 = torch's default
-        "amp": "off",  # off | bf16 | fp16 (autocast; fp16 with a gradient scaler)
-        "compile": False,  # torch.compile the network for training
-        "channels_last": False,  # NHWC memory format (helps convolutions under AMP on GPUs)
-        "guide_fraction": 0.0,  # > 0: keep the EMA at this share of the steps as the autoguidance guide
+# section -> key -> (default, meaning)
+SCHEMA = {
+    "data": {"root": ("data/mnist", "folder of the four MNIST IDX files (downloaded if missing)")},
+    "model": {
+        "image_size": (28, "height and width of the images"),
+        "in_channels": (1, "image channels"),
+        "channels": ([16, 32, 64], "UNet width per resolution level (28, 14, 7); len - 1 downsamplings"),
+        "num_res_blocks": (1, "ResBlocks per level on the way down (one more on the way up)"),
+        "attention": ([False, False, False], "self-attention after each ResBlock of that level"),
+        "mid_attention": (True, "self-attention between the two middle ResBlocks (7x7)"),
+        "num_heads": (4, "attention heads"),
+        "norm_groups": (8, "GroupNorm groups"),
+        "dropout": (0.0, "dropout inside the ResBlocks"),
+        "num_classes": (0, "0 = unconditional; 10 = digits as labels, for classifier-free guidance"),
     },
-    "sample": {"sampler": "ddim", "steps": 50, "eta": 0.0, "num_samples": 64, "batch_size": 256, "seed": 0,
-               "guidance": 1.0,  # conditional models: eps_u + guidance * (eps_c - eps_u)
-               "autoguidance": 1.0},  # models with a guide: eps_g + autoguidance * (eps - eps_g); 1 = off
+    "diffusion": {
+        "num_timesteps": (1000, "T, the length of the forward chain"),
+        "beta_start": (1e-4, "beta_1 of the linear schedule"),
+        "beta_end": (0.02, "beta_T of the linear schedule"),
+    },
+    "train": {
+        "out_dir": ("runs/default", "checkpoints, logs, config.yaml and sample grids go here"),
+        "seed": (0, "seed of weights, noise, timesteps and batch order"),
+        "steps": (800000, "optimizer steps"),
+        "batch_size": (128, "images per step (global under torchrun)"),
+        "lr": (2e-4, "AdamW learning rate after warm-up"),
+        "lr_schedule": ("constant", "constant, or cosine down to min_lr_ratio * lr at the last step"),
+        "min_lr_ratio": (0.1, "cosine schedule: final learning rate / lr"),
+        "warmup_steps": (5000, "linear learning-rate warm-up"),
+        "weight_decay": (0.0, "AdamW weight decay"),
+        "adam_beta2": (0.999, "AdamW second-moment decay"),
+        "grad_clip": (1.0, "gradient-norm clipping (0 = off)"),
+        "ema_decay": (0.9999, "EMA of the weights, warmed up as min(ema_decay, (1 + step) / (10 + step))"),
+        "loss_weighting": ("none", "none (plain eps MSE, DDPM eq. 14) or min_snr (Hang et al. 2023)"),
+        "min_snr_gamma": (5.0, "min_snr: weight min(SNR, gamma) / SNR"),
+        "timestep_sampling": ("uniform", "uniform over 0..T-1, or logit_normal: t/T = sigmoid(N(mean, std))"),
+        "logit_normal_mean": (0.0, "logit_normal: mean of the normal"),
+        "logit_normal_std": (1.0, "logit_normal: standard deviation of the normal"),
+        "stratified_timesteps": (False, "one timestep per 1/batch quantile band of that distribution (VDM)"),
+        "cond_drop_prob": (0.1, "conditional models: share of labels replaced by 'no label'"),
+        "guide_fraction": (0.0, "> 0: keep the EMA at this share of the steps as the autoguidance guide"),
+        "eval_every": (500, "period of checkpoint, sample grid and (with --val) validation loss"),
+        "val_samples": (2000, "held-out images in the validation loss"),
+        "log_every": (25, "period of the log.csv rows"),
+        "num_threads": (0, "torch CPU threads (0 = torch's default)"),
+        "amp": ("off", "autocast: off, bf16 or fp16 (fp16 with a gradient scaler)"),
+        "compile": (False, "torch.compile the network for training"),
+        "channels_last": (False, "NHWC memory format (helps convolutions under AMP on GPUs)"),
+    },
+    "sample": {
+        "sampler": ("ddpm", "ddpm (ancestral), ddim or dpm++ (DPM-Solver++(2M))"),
+        "steps": (0, "sampling steps, evenly spaced (0 = all T)"),
+        "eta": (0.0, "ddim: 0 deterministic, 1 DDPM-like noise"),
+        "num_samples": (64, "images sample.py draws"),
+        "batch_size": (256, "images per network call"),
+        "seed": (0, "image i depends only on (seed, i)"),
+        "guidance": (1.0, "conditional models: eps_u + w (eps_c - eps_u); 1 = plain conditional"),
+        "autoguidance": (1.0, "models with a guide: eps_g + w (eps - eps_g); 1 = off"),
+    },
 }
+DEFAULTS = {section: {key: default for key, (default, _) in keys.items()} for section, keys in SCHEMA.items()}
 
 CHOICES = {("train", "lr_schedule"): ["constant", "cosine"], ("train", "loss_weighting"): ["none", "min_snr"],
            ("train", "timestep_sampling"): ["uniform", "logit_normal"], ("train", "amp"): ["off", "bf16", "fp16"],
            ("sample", "sampler"): ["ddpm", "ddim", "dpm++"]}
 POSITIVE = {("train", k) for k in ["steps", "batch_size", "lr", "eval_every", "log_every", "val_samples",
-                                   "min_snr_gamma", "logit_normal_std"]} | {("diffusion", "num_timesteps"), ("diffusion", "beta_start"),
-                                                        ("sample", "steps"), ("sample", "num_samples"),
-                                                        ("sample", "batch_size")}
+                                   "min_snr_gamma", "logit_normal_std"]} | {
+    ("diffusion", "num_timesteps"), ("diffusion", "beta_start"), ("sample", "num_samples"), ("sample", "batch_size")}
+NON_NEGATIVE = {("train", k) for k in ["warmup_steps", "weight_decay", "grad_clip", "num_threads"]} | {
+    ("sample", k) for k in ["steps", "eta", "guidance", "autoguidance"]}
+UNIT_INTERVAL = {"adam_beta2": "[0, 1)", "ema_decay": "[0, 1)", "guide_fraction": "[0, 1) (0 = no guide)",
+                 "cond_drop_prob": "[0, 1]", "min_lr_ratio": "[0, 1]"}
 
 
 class ConfigError(ValueError):
-    """A config mistake; the message names the key."""
+    """A mistake in a config, a flag or an input file; the message says what to change."""
 
 
-def _all_keys(d=DEFAULTS):
-    return [f"{s}.{k}" for s in d for k in d[s]]
+def _all_keys():
+    return [f"{s}.{k}" for s in DEFAULTS for k in DEFAULTS[s]]
 
 
 def _set(cfg, dotted, value, origin):
@@ -126,46 +156,80 @@ def merge(base, data, overrides=(), origin="config"):
     return cfg
 
 
+def with_flags(cfg, section, flags):
+    """cfg with the command-line flags {key: value or None} of one section applied (None = not given),
+    validated exactly as config overrides are."""
+    given = {key: value for key, value in flags.items() if value is not None}
+    return merge(cfg, {section: given}, origin="command line")
+
+
 def validate(cfg):
-    """Range checks; the model's own structural checks live in unet.check_config."""
+    """Range checks of every section, the model's structural checks included."""
     for (section, key), allowed in CHOICES.items():
         if cfg[section][key] not in allowed:
             raise ConfigError(f"{section}.{key} must be one of {allowed}, got {cfg[section][key]!r}")
     for section, key in POSITIVE:
         if not cfg[section][key] > 0:
             raise ConfigError(f"{section}.{key} must be > 0, got {cfg[section][key]!r}")
-    d = cfg["diffusion"]
+    for section, key in NON_NEGATIVE:
+        if cfg[section][key] < 0:
+            raise ConfigError(f"{section}.{key} must be >= 0, got {cfg[section][key]!r}")
+    t, d = cfg["train"], cfg["diffusion"]
+    for key, interval in UNIT_INTERVAL.items():
+        high_ok = t[key] <= 1 if interval.startswith("[0, 1]") else t[key] < 1
+        if not (0 <= t[key] and high_ok):
+            raise ConfigError(f"train.{key} must be in {interval}, got {t[key]}")
     if not 0 < d["beta_start"] < d["beta_end"] < 1:
         raise ConfigError(f"need 0 < diffusion.beta_start < diffusion.beta_end < 1, "
                           f"got {d['beta_start']} and {d['beta_end']}")
-    t = cfg["train"]
-    for key in ["warmup_steps", "weight_decay", "grad_clip", "num_threads"]:
-        if t[key] < 0:
-            raise ConfigError(f"train.{key} must be >= 0, got {t[key]}")
-    if not 0 <= t["adam_beta2"] < 1:
-        raise ConfigError(f"train.adam_beta2 must be in [0, 1), got {t['adam_beta2']}")
-    if not 0 <= t["ema_decay"] < 1:
-        raise ConfigError(f"train.ema_decay must be in [0, 1), got {t['ema_decay']}")
-    if not 0 <= t["cond_drop_prob"] <= 1:
-        raise ConfigError(f"train.cond_drop_prob must be in [0, 1], got {t['cond_drop_prob']}")
-    for key in ["guidance", "autoguidance"]:
-        if cfg["sample"][key] < 0:
-            raise ConfigError(f"sample.{key} must be >= 0, got {cfg['sample'][key]}")
-    if not 0 <= t["guide_fraction"] < 1:
-        raise ConfigError(f"train.guide_fraction must be in [0, 1) (0 = no guide), got {t['guide_fraction']}")
     if cfg["sample"]["autoguidance"] != 1.0 and not t["guide_fraction"]:
         raise ConfigError(f"sample.autoguidance = {cfg['sample']['autoguidance']} needs a guide: set "
                           "train.guide_fraction > 0, or sample.autoguidance=1 to sample without one")
-    if not 0 <= t["min_lr_ratio"] <= 1:
-        raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t['min_lr_ratio']}")
-    from unet import check_config  # the model's structural checks, at load time rather than mid-run
-
-    m = cfg["model"]
-    check_config(m["image_size"], m["channels"], m["num_res_blocks"], m["attention"], m["mid_attention"],
-                 m["num_heads"], m["norm_groups"], m["dropout"], m["num_classes"])
     if cfg["sample"]["steps"] > d["num_timesteps"]:
         raise ConfigError(f"sample.steps ({cfg['sample']['steps']}) cannot exceed diffusion.num_timesteps "
                           f"({d['num_timesteps']})")
+    check_model(**cfg["model"])
+
+
+def check_model(image_size, in_channels, channels, num_res_blocks, attention, mid_attention, num_heads,
+                norm_groups, dropout, num_classes):
+    """Reject model sections that cannot build or run, naming the config key to change."""
+    if not channels or any(int(c) != c or c < 1 for c in channels):
+        raise ConfigError(f"model.channels must be a non-empty list of positive ints, got {channels}")
+    if in_channels < 1:
+        raise ConfigError(f"model.in_channels must be >= 1, got {in_channels}")
+    factor = 2 ** (len(channels) - 1)
+    if image_size % factor:
+        levels = max(i for i in range(len(channels)) if image_size % 2**i == 0) + 1
+        raise ConfigError(f"model.image_size {image_size} is not divisible by 2**{len(channels) - 1} = {factor} "
+                          f"(one downsampling between each of the {len(channels)} levels of model.channels): "
+                          f"use at most {levels} levels")
+    if channels[0] % 2:
+        raise ConfigError(f"model.channels[0] = {channels[0]} must be even (it sizes the sinusoidal time embedding)")
+    for c in channels:
+        if c % norm_groups:
+            raise ConfigError(f"model.channels entry {c} is not divisible by model.norm_groups = {norm_groups}")
+    if len(attention) != len(channels):
+        raise ConfigError(f"model.attention needs one bool per level of model.channels "
+                          f"({len(channels)}), got {len(attention)}")
+    for c, on in zip(channels, attention):
+        if on and c % num_heads:
+            raise ConfigError(f"model.channels entry {c} has attention but is not divisible by "
+                              f"model.num_heads = {num_heads}")
+    if mid_attention and channels[-1] % num_heads:
+        raise ConfigError(f"model.channels[-1] = {channels[-1]} (mid attention) is not divisible by "
+                          f"model.num_heads = {num_heads}")
+    if num_res_blocks < 1:
+        raise ConfigError(f"model.num_res_blocks must be >= 1, got {num_res_blocks}")
+    if num_classes < 0:
+        raise ConfigError(f"model.num_classes must be 0 (unconditional) or the number of labels, got {num_classes}")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {dropout}")
+
+
+def guide_step(t_cfg):
+    """The step whose EMA weights training keeps as the autoguidance guide (None without one)."""
+    return max(1, round(t_cfg["guide_fraction"] * t_cfg["steps"])) if t_cfg["guide_fraction"] else None
 
 
 def split_overrides(argv):
@@ -197,6 +261,9 @@ def str2bool(text):
     raise ValueError(f"expected True or False, got {text!r}")
 
 
+DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: %(default)s)"
+
+
 def pick_device(name="auto"):
     """cuda, then mps, then cpu; or the device named."""
     import torch
@@ -213,4 +280,44 @@ def pick_device(name="auto"):
         raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:1 or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("--device mps asked for, but torch sees no MPS device; use --device cpu")
     return device
+
+
+def run_cli(main, *errors):
+    """Run a script's main(); a user's mistake (a ConfigError, or one of `errors`) exits with a
+    one-line `error: ...` message instead of a traceback."""
+    try:
+        return main()
+    except (ConfigError, *errors) as e:
+        sys.exit(f"error: {e}")
+
+
+def key_table(cfg):
+    """The schema as text: key, value in cfg (with the default where they differ), meaning."""
+    rows = []
+    for section, keys in SCHEMA.items():
+        for key, (default, meaning) in keys.items():
+            value = cfg[section][key]
+            shown = f"{value!r}" if value == default else f"{value!r} (default {default!r})"
+            rows.append((f"{section}.{key}", shown, meaning))
+    w1, w2 = (max(len(r[i]) for r in rows) for i in (0, 1))
+    return "\n".join(f"{k:<{w1}}  {v:<{w2}}  {m}" for k, v, m in rows)
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", help="YAML config (default: the schema's defaults alone)")
+    rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(rest)
+    cfg = load_config(args.config, overrides) if args.config else merge(DEFAULTS, {}, overrides)
+    print(f"# resolved config{f' of {args.config}' if args.config else ''}")
+    print(yaml.safe_dump(cfg, sort_keys=False), end="")
+    print("\n# every key: value here (default), meaning\n" + key_table(cfg))
+
+
+if __name__ == "__main__":
+    run_cli(main)

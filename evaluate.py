@@ -44,9 +44,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from configuration import DEVICE_HELP, ConfigError, pick_device, with_flags
+from fileio import atomic_write, load_guide, load_model
 from mnist import MNIST
 from mnist import to_float as mnist_to_float
-from sample import atomic_write, generate, load_guide, load_model
+from mnist_downloader import DownloadError, ensure_mnist_present
+from samplers import SAMPLERS, generate
 
 CLASSIFIER_FILE = "classifier.pt"
 FLOOR_CACHE_FILE = "eval_floor_cache.json"
@@ -434,36 +437,38 @@ def load_png_folder(folder, limit=None):
     """Every *.png in folder (sorted by name) as (N, 1, 28, 28) float in [-1, 1]."""
     paths = sorted(glob.glob(os.path.join(folder, "*.png")))
     if not paths:
-        raise ValueError(f"no .png files in {folder}")
+        raise ConfigError(f"no .png files in {folder}")
     if limit is not None:
         if len(paths) < limit:
-            raise ValueError(f"--num_samples {limit}, but {folder} holds only {len(paths)} .png files")
+            raise ConfigError(f"--num_samples {limit}, but {folder} holds only {len(paths)} .png files")
         paths = paths[:limit]
     images = []
     for p in paths:
-        with Image.open(p) as im:
-            if im.size != (28, 28):
-                raise ValueError(f"{p} is {im.size[0]}x{im.size[1]}; expected one 28x28 digit per file")
-            images.append(np.array(im.convert("L")))
+        try:
+            with Image.open(p) as im:
+                if im.size != (28, 28):
+                    raise ConfigError(f"{p} is {im.size[0]}x{im.size[1]}; expected one 28x28 digit per file")
+                images.append(np.array(im.convert("L")))
+        except (OSError, SyntaxError) as e:  # PIL: UnidentifiedImageError (an OSError), truncated data, bad chunks
+            raise ConfigError(f"{p} is not a readable PNG ({e}); remove it or write it again") from None
     return to_float(torch.from_numpy(np.stack(images)))
 
 
 def sample_from_checkpoint(args, guidance=None):
     """(images, labels): labels are the digits asked of a conditional model (0..9 in turn), else None.
-    Sampler settings not given on the command line are filled into args from the checkpoint's config."""
+    Sampler settings not given on the command line come from the checkpoint's config and are filled
+    into args; given ones are validated as config overrides are."""
     model, scheduler, cfg = load_model(args.ckpt, args.device)
-    for key in ["sampler", "steps", "eta", "autoguidance"]:
-        if getattr(args, key) is None:
-            setattr(args, key, cfg["sample"][key])
+    flags = {key: getattr(args, key) for key in ["sampler", "steps", "eta", "autoguidance"]}
+    s = with_flags(cfg, "sample", dict(flags, guidance=guidance))["sample"]
+    for key in flags:
+        setattr(args, key, s[key])
+    args.steps = args.steps or scheduler.num_timesteps
     labels = torch.arange(args.num_samples) % model.num_classes if model.num_classes else None
-    guidance = cfg["sample"]["guidance"] if guidance is None else guidance
-    try:
-        guide = load_guide(args.ckpt, args.autoguidance, args.device)
-        images = generate(model, scheduler, args.num_samples, seed=args.seed, batch_size=args.batch_size,
-                          sampler=args.sampler, steps=args.steps, eta=args.eta, device=args.device,
-                          labels=labels, guidance=guidance, guide=guide, autoguidance=args.autoguidance)
-    except ValueError as err:  # e.g. an unknown --sampler, or autoguidance without a guide
-        sys.exit(f"error: {err}")
+    guide = load_guide(args.ckpt, args.autoguidance, args.device)
+    images = generate(model, scheduler, args.num_samples, seed=args.seed, batch_size=args.batch_size,
+                      sampler=args.sampler, steps=args.steps, eta=args.eta, device=args.device,
+                      labels=labels, guidance=s["guidance"], guide=guide, autoguidance=args.autoguidance)
     return images, labels
 
 
@@ -473,7 +478,7 @@ def guidance_sweep(args, weights):
     for w in weights:
         images, labels = sample_from_checkpoint(args, w)
         if labels is None:
-            sys.exit("error: --guidance_sweep needs a conditional checkpoint (model.num_classes > 0)")
+            raise ConfigError("--guidance_sweep needs a conditional checkpoint (model.num_classes > 0)")
         r = evaluate_images(images, args.data, seed=args.seed, device=args.device, labels=labels)["samples"]
         rows.append({"guidance": w, **{k: r[k] for k in ["fid", "label_accuracy", "frac_confident", "precision",
                                                           "recall"]}})
@@ -493,8 +498,8 @@ def parse_args(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="checkpoint to sample from (EMA weights)")
     source.add_argument("--images", metavar="DIR", help="folder of 28x28 grayscale .png digits")
-    parser.add_argument("--sampler", help="sampler for --ckpt: ddpm, ddim or dpm++ (default: the checkpoint's "
-                                          "sample.sampler)")
+    parser.add_argument("--sampler", choices=list(SAMPLERS), help="sampler for --ckpt (default: the checkpoint's "
+                                                                  "sample.sampler)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's sample.steps)")
     parser.add_argument("--eta", type=float, help="DDIM eta (default: the checkpoint's sample.eta)")
     parser.add_argument("--guidance", type=float,
@@ -511,7 +516,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for sampling, KID subsets and the real subset (default: %(default)s)")
     parser.add_argument("--data", default="data/mnist", help="MNIST folder (default: %(default)s)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     args = parser.parse_args(argv)
     if args.ckpt and args.num_samples is None:
         args.num_samples = 10000
@@ -521,29 +526,28 @@ def parse_args(argv=None):
         parser.error(f"checkpoint {args.ckpt} not found")
     if args.images and not os.path.isdir(args.images):
         parser.error(f"{args.images} is not a folder")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda, but torch sees no GPU")
+    args.device = pick_device(args.device)
     return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    """The command line; every mistake in the input is an `error: ...` exit, not a traceback."""
+    try:
+        run(parse_args(argv))
+    except (ConfigError, DownloadError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+def run(args):
     t_start = time.time()
     images = None
     if args.images:  # read them first: a bad folder should not wait for anything else
-        try:
-            images = load_png_folder(args.images, args.num_samples)
-        except ValueError as err:
-            sys.exit(f"error: {err}")
+        images = load_png_folder(args.images, args.num_samples)
         if len(images) < 4:
-            sys.exit(f"error: {args.images} holds {len(images)} .png files; need at least 4")
+            raise ConfigError(f"{args.images} holds {len(images)} .png files; need at least 4")
         out_path = os.path.join(args.images, f"eval_{len(images)}.json")
 
-    from mnist_downloader import DownloadError, ensure_mnist_present
-    try:  # before sampling, so a missing dataset fails fast
-        ensure_mnist_present(args.data)
-    except DownloadError as err:
-        sys.exit(f"error: {err}")
+    ensure_mnist_present(args.data)  # before sampling, so a missing dataset fails fast
 
     labels = None
     if images is None:
@@ -558,7 +562,7 @@ def main(argv=None):
     print(format_table(result))
     if args.guidance_sweep:
         result["guidance_sweep"] = guidance_sweep(args, args.guidance_sweep)
-    result["settings"] = vars(args)
+    result["settings"] = {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()}
     result["timings_s"]["sampling_or_loading"] = t_sampled - t_start
     result["time_s"] = time.time() - t_start
     atomic_write(out_path, lambda f: f.write(json.dumps(result, indent=2).encode()))

@@ -1,4 +1,4 @@
-"""All the diffusion maths: the linear schedule, q(x_t | x_0) and the reverse steps.
+"""All the diffusion maths: the linear schedule, q(x_t | x_0), the training loss and the reverse steps.
 
 Notation (Ho et al. 2020 = "DDPM", Song et al. 2021 = "DDIM", Lu et al. 2022 = "DPM-Solver++"):
 
@@ -15,7 +15,9 @@ so a reverse step from t = 0 to t_prev = -1 adds no noise and returns the
 prediction of x_0. Every function takes t (and t_prev) as an int or as a
 LongTensor of shape (B,), one timestep per sample.
 
-The scheduler knows nothing about the network: callers pass eps = model(x_t, t).
+The scheduler knows nothing about the network: callers pass eps = model(x_t, t) (or x0
+predicted from it); diffusion_loss takes the network as a callable. The sampling loop that
+strings the steps together is samplers.py.
 """
 
 import torch
@@ -95,30 +97,23 @@ class LinearNoiseScheduler(nn.Module):
     def _to(x, *coefs):
         return [c.to(device=x.device, dtype=x.dtype) for c in coefs]
 
-    def _x0_and_eps(self, x_t, eps, t, clip):
-        """Predicted x_0 (optionally clipped to the data range [-1, 1]) and the eps consistent with it."""
-        x0 = self.predict_x0(x_t, eps, t)
-        if clip:
-            x0 = x0.clamp(-1.0, 1.0)
-            eps = self.predict_eps(x_t, x0, t)
-        return x0, eps
+    # The three reverse steps share one shape: step(x_t, x0, t, t_prev, ...) -> x_{t_prev}, where x0 is
+    # the caller's prediction of x_0 at t (clipped to [-1, 1] by the sampling loop).
 
-    def ddpm_step(self, x_t, eps, t, t_prev, noise, clip=True):
-        """Ancestral step: sample x_{t_prev} from the posterior q(x_{t_prev} | x_t, x_0 = x0_pred).
+    def ddpm_step(self, x_t, x0, t, t_prev, noise):
+        """Ancestral step: sample x_{t_prev} from the posterior q(x_{t_prev} | x_t, x_0 = x0).
 
         With t_prev = t - 1 this is DDPM eq. 11 with sigma_t^2 = beta~_t (eq. 7):
         mean = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t), written here in
-        the equivalent form of eq. 7, mu~ = c0 x0_pred + ct x_t, so that x0_pred can be
-        clipped to [-1, 1]. With t_prev < t - 1 (respaced sampling) the same posterior
-        uses the effective beta = 1 - abar_t / abar_{t_prev}. At t_prev = -1 the variance
-        is 0 and the result is x0_pred.
+        the equivalent form of eq. 7, mu~ = c0 x0 + ct x_t, so that x0 can be clipped.
+        With t_prev < t - 1 (respaced sampling) the same posterior uses the effective
+        beta = 1 - abar_t / abar_{t_prev}. At t_prev = -1 the variance is 0 and the result is x0.
         """
         a_t, a_prev = self._abar64(t, x_t), self._abar64(t_prev, x_t)
         beta = 1.0 - a_t / a_prev
         c0, ct, std = self._to(x_t, a_prev.sqrt() * beta / (1.0 - a_t),
                                (1.0 - beta).sqrt() * (1.0 - a_prev) / (1.0 - a_t),
                                (beta * (1.0 - a_prev) / (1.0 - a_t)).sqrt())
-        x0, _ = self._x0_and_eps(x_t, eps, t, clip)
         return c0 * x0 + ct * x_t + std * noise
 
     def _ddim_sigma64(self, a_t, a_prev, eta):
@@ -128,8 +123,9 @@ class LinearNoiseScheduler(nn.Module):
         """sigma of DDIM eq. 16: eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)."""
         return self._to(like, self._ddim_sigma64(self._abar64(t, like), self._abar64(t_prev, like), eta))[0]
 
-    def ddim_step(self, x_t, eps, t, t_prev, eta=0.0, noise=None, clip=True):
-        """DDIM eq. 12: x_prev = sqrt(abar_prev) x0_pred + sqrt(1 - abar_prev - sigma^2) eps + sigma z.
+    def ddim_step(self, x_t, x0, t, t_prev, eta=0.0, noise=None):
+        """DDIM eq. 12: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
+        with eps the one consistent with x0 (eq. 9 solved for eps).
 
         eta = 0 is deterministic; eta = 1 gives the DDPM posterior variance. noise (z)
         may be None only when eta == 0.
@@ -137,8 +133,7 @@ class LinearNoiseScheduler(nn.Module):
         a_t, a_prev = self._abar64(t, x_t), self._abar64(t_prev, x_t)
         sigma = self._ddim_sigma64(a_t, a_prev, eta)
         c0, ce, sigma = self._to(x_t, a_prev.sqrt(), (1.0 - a_prev - sigma**2).clamp(min=0.0).sqrt(), sigma)
-        x0, eps = self._x0_and_eps(x_t, eps, t, clip)
-        x_prev = c0 * x0 + ce * eps
+        x_prev = c0 * x0 + ce * self.predict_eps(x_t, x0, t)
         return x_prev if eta == 0 else x_prev + sigma * noise
 
     def _half_log_snr64(self, a):
@@ -183,3 +178,32 @@ def min_snr_weight(snr, gamma):
     """Min-SNR-gamma loss weight for eps-prediction (Hang et al. 2023): min(SNR, gamma) / SNR."""
     return torch.clamp(snr, max=gamma) / snr
 
+
+
+def sample_timesteps(n, num_timesteps, t_cfg, device):
+    """Training timesteps: uniform over 0..T-1 (DDPM Algorithm 1), or logit-normal (t/T =
+    sigmoid(N(mean, std)), Esser et al. 2024), which puts more of the batch on the middle of the
+    chain, where the digit's shape is decided.
+
+    With train.stratified_timesteps the batch takes one draw from each 1/n-quantile band of that
+    distribution (u_i = (i + U_i) / n pushed through its inverse CDF), the low-discrepancy sampler
+    of Kingma et al. 2021 (VDM, appendix): the same distribution, a lower-variance loss."""
+    lognorm = t_cfg["timestep_sampling"] == "logit_normal"
+    stratified = t_cfg["stratified_timesteps"]
+    if not (lognorm or stratified):
+        return torch.randint(0, num_timesteps, (n,), device=device)
+    if stratified:
+        u = (torch.arange(n, device=device) + torch.rand(n, device=device)) / n
+    if lognorm:  # z ~ N(0, 1), through the normal's inverse CDF when stratified
+        z = torch.special.ndtri(u) if stratified else torch.randn(n, device=device)
+        u = torch.sigmoid(z * t_cfg["logit_normal_std"] + t_cfg["logit_normal_mean"])
+    return (u * num_timesteps).long().clamp_(0, num_timesteps - 1)
+
+
+def diffusion_loss(model, scheduler, x0, t, noise, weighting="none", gamma=5.0, y=None):
+    """DDPM Algorithm 1: noise x0 to x_t (eq. 4), predict eps, and take the eps MSE of eq. 14.
+    Returns the per-sample losses and their (optionally Min-SNR-weighted) batch mean."""
+    pred = model(scheduler.add_noise(x0, noise, t), t, y)
+    per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))  # float32 even under autocast
+    weight = min_snr_weight(scheduler.snr(t), gamma) if weighting == "min_snr" else 1.0
+    return per_sample, (per_sample * weight).mean()

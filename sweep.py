@@ -26,9 +26,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from configuration import ConfigError, load_config, read_yaml, split_overrides
+from configuration import ConfigError, load_config, read_yaml, run_cli, split_overrides
 from mnist_downloader import DownloadError, ensure_mnist_present, mirrors_from
-from sample import atomic_write
+from fileio import atomic_write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COLUMNS = ["run", "overrides", "batch x steps", "train s", "FID", "floor FID", "conf > 0.9", "entropy",
@@ -117,7 +117,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, DownloadError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(main, DownloadError)

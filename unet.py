@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from configuration import ConfigError
+from configuration import check_model
 
 
 def timestep_embedding(t, dim):
@@ -64,7 +64,8 @@ class Attention(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t). Keyword arguments are the `model:` section of the config, one to one.
+    """eps_theta(x_t, t). Keyword arguments are the `model:` section of the config, one to one, with
+    the same defaults as configuration.SCHEMA (a test checks it).
 
     channels: width of each resolution level; len(channels) - 1 downsamplings by 2.
     attention: one bool per level, self-attention after each ResBlock of that level.
@@ -72,12 +73,12 @@ class UNet(nn.Module):
     "no label" class (index num_classes) are embedded and added to the time embedding.
     """
 
-    def __init__(self, image_size=28, in_channels=1, channels=(32, 64, 64), num_res_blocks=1,
-                 attention=(False, False, True), mid_attention=True, num_heads=4, norm_groups=8,
+    def __init__(self, image_size=28, in_channels=1, channels=(16, 32, 64), num_res_blocks=1,
+                 attention=(False, False, False), mid_attention=True, num_heads=4, norm_groups=8,
                  dropout=0.0, num_classes=0):
         super().__init__()
-        check_config(image_size, channels, num_res_blocks, attention, mid_attention, num_heads, norm_groups, dropout,
-                     num_classes)
+        check_model(image_size, in_channels, channels, num_res_blocks, attention, mid_attention, num_heads,
+                    norm_groups, dropout, num_classes)
         temb_dim = 4 * channels[0]
         self.image_size, self.in_channels, self.channels = image_size, in_channels, list(channels)
         self.time_mlp = nn.Sequential(nn.Linear(channels[0], temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
@@ -139,36 +140,3 @@ class UNet(nn.Module):
                 h = layer(h)
         return self.out(h)
 
-
-def check_config(image_size, channels, num_res_blocks, attention, mid_attention, num_heads, norm_groups, dropout,
-                 num_classes=0):
-    """Reject combinations that cannot build or run, naming the config key to change."""
-    if not channels or any(int(c) != c or c < 1 for c in channels):
-        raise ConfigError(f"model.channels must be a non-empty list of positive ints, got {channels}")
-    factor = 2 ** (len(channels) - 1)
-    if image_size % factor:
-        levels = max(i for i in range(len(channels)) if image_size % 2**i == 0) + 1
-        raise ConfigError(f"model.image_size {image_size} is not divisible by 2**{len(channels) - 1} = {factor} "
-                          f"(one downsampling between each of the {len(channels)} levels of model.channels): "
-                          f"use at most {levels} levels")
-    if channels[0] % 2:
-        raise ConfigError(f"model.channels[0] = {channels[0]} must be even (it sizes the sinusoidal time embedding)")
-    for c in channels:
-        if c % norm_groups:
-            raise ConfigError(f"model.channels entry {c} is not divisible by model.norm_groups = {norm_groups}")
-    if len(attention) != len(channels):
-        raise ConfigError(f"model.attention needs one bool per level of model.channels "
-                          f"({len(channels)}), got {len(attention)}")
-    for c, on in zip(channels, attention):
-        if on and c % num_heads:
-            raise ConfigError(f"model.channels entry {c} has attention but is not divisible by "
-                              f"model.num_heads = {num_heads}")
-    if mid_attention and channels[-1] % num_heads:
-        raise ConfigError(f"model.channels[-1] = {channels[-1]} (mid attention) is not divisible by "
-                          f"model.num_heads = {num_heads}")
-    if num_res_blocks < 1:
-        raise ConfigError(f"model.num_res_blocks must be >= 1, got {num_res_blocks}")
-    if num_classes < 0:
-        raise ConfigError(f"model.num_classes must be 0 (unconditional) or the number of labels, got {num_classes}")
-    if not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {dropout}")

@@ -43,7 +43,7 @@ TINY = {
     "diffusion": {"num_timesteps": 20},
     "train": {"steps": 6, "batch_size": 16, "lr": 1e-3, "warmup_steps": 2, "eval_every": 3, "log_every": 1,
               "val_samples": 32, "num_threads": 1},
-    "sample": {"steps": 4, "num_samples": 8},
+    "sample": {"sampler": "ddim", "steps": 4, "num_samples": 8},
 }
 
 

@@ -10,8 +10,10 @@ import torch
 import evaluate
 import sample
 import train
-from configuration import ConfigError, load_config
-from sample import generate, guide_step, load_guide, load_model
+import train_util
+from configuration import ConfigError, guide_step, load_config
+from fileio import build, load_guide, load_model
+from samplers import generate
 
 GUIDE = ["--train.guide_fraction=0.5"]  # of the tiny config's 6 steps: the EMA of step 3
 
@@ -22,7 +24,7 @@ def run_dir(config):
 
 def keep_checkpoints(monkeypatch, tmp_path, steps):
     """Copy last.pt as train.py writes it at each of `steps` to tmp_path/step<k>/last.pt."""
-    real_save = train.save_checkpoint
+    real_save = train_util.save_checkpoint
 
     def save_and_keep(path, state):
         real_save(path, state)
@@ -30,7 +32,7 @@ def keep_checkpoints(monkeypatch, tmp_path, steps):
             os.makedirs(tmp_path / f"step{state['step']}", exist_ok=True)
             shutil.copy(path, tmp_path / f"step{state['step']}" / "last.pt")
 
-    monkeypatch.setattr(train, "save_checkpoint", save_and_keep)
+    monkeypatch.setattr(train_util, "save_checkpoint", save_and_keep)
     return real_save
 
 
@@ -57,7 +59,7 @@ def test_guide_is_the_ema_of_its_step_and_is_kept(tiny_config, tmp_path, monkeyp
 def test_resumed_run_has_the_uninterrupted_runs_guide(tiny_config, tmp_path, monkeypatch, resume_at):
     real_save = keep_checkpoints(monkeypatch, tmp_path, {resume_at})
     train.main(["--config", tiny_config, "--train.eval_every=2"] + GUIDE)
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(train_util, "save_checkpoint", real_save)
     resumed_dir = tmp_path / f"step{resume_at}"
     train.main(["--config", tiny_config, "--resume", f"--train.out_dir={resumed_dir}"])
     full = torch.load(os.path.join(run_dir(tiny_config), "last.pt"), weights_only=True)
@@ -70,8 +72,8 @@ def test_resumed_run_has_the_uninterrupted_runs_guide(tiny_config, tmp_path, mon
 def test_autoguidance_weights_one_and_zero(tiny_config):
     """w = 1 is the model alone, w = 0 the guide alone; in between, neither."""
     torch.manual_seed(0)
-    model, scheduler = sample.build(load_config(tiny_config))
-    guide, _ = sample.build(load_config(tiny_config))
+    model, scheduler = build(load_config(tiny_config))
+    guide, _ = build(load_config(tiny_config))
     model.eval(), guide.eval()
     kw = dict(seed=3, sampler="ddpm", steps=5, progress=False, batch_size=4)
     plain = generate(model, scheduler, 4, **kw)

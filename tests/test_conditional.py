@@ -8,9 +8,11 @@ import yaml
 
 import sample
 import train
+import train_util
 from configuration import ConfigError, load_config
+from fileio import build
 from linear_noise_scheduler import guided_eps
-from sample import build, generate, predict_eps
+from samplers import generate, predict_eps
 
 
 def test_guidance_weights_one_and_zero():
@@ -46,12 +48,12 @@ def test_guided_prediction_uses_one_batched_call(tiny_config):
 def test_label_dropout_rate_and_null_class():
     torch.manual_seed(0)
     y = torch.randint(0, 10, (20000,))
-    dropped = train.drop_labels(y, 0.1, 10)
+    dropped = train_util.drop_labels(y, 0.1, 10)
     changed = dropped != y
     assert abs(changed.float().mean().item() - 0.1) < 0.01
     assert torch.all(dropped[changed] == 10)  # a dropped label is "no label", never another digit
     assert torch.equal(dropped[~changed], y[~changed])
-    assert torch.equal(train.drop_labels(y, 0.0, 10), y)
+    assert torch.equal(train_util.drop_labels(y, 0.0, 10), y)
 
 
 def test_conditional_model_trains_and_samples_end_to_end(tiny_config, tmp_path):

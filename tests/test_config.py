@@ -1,6 +1,7 @@
 """Config loading: clear errors for a missing file, an unknown key, a wrong type and a bad value."""
 
 import pytest
+import yaml
 
 from configuration import DEFAULTS, ConfigError, load_config, split_overrides
 
@@ -53,3 +54,69 @@ def test_split_overrides():
     rest, over = split_overrides(["--config", "c.yaml", "--train.lr=1e-3", "--model.dropout", "0.1", "--val", "True"])
     assert rest == ["--config", "c.yaml", "--val", "True"]
     assert over == ["train.lr=1e-3", "model.dropout=0.1"]
+
+
+def test_constructor_defaults_are_the_schemas():
+    import inspect
+
+    from linear_noise_scheduler import LinearNoiseScheduler
+    from unet import UNet
+
+    for cls, section in [(UNet, "model"), (LinearNoiseScheduler, "diffusion")]:
+        params = inspect.signature(cls).parameters
+        assert set(params) == set(DEFAULTS[section]), cls
+        for key, p in params.items():
+            default = list(p.default) if isinstance(p.default, tuple) else p.default
+            assert default == DEFAULTS[section][key], (cls.__name__, key)
+
+
+def test_schema_defaults_are_the_papers_method():
+    t, s = DEFAULTS["train"], DEFAULTS["sample"]
+    assert (t["timestep_sampling"], t["loss_weighting"], t["guide_fraction"]) == ("uniform", "none", 0.0)
+    assert (s["sampler"], s["steps"], s["autoguidance"], s["guidance"]) == ("ddpm", 0, 1.0, 1.0)
+    assert DEFAULTS["diffusion"] == {"num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+
+
+def test_configuration_prints_the_resolved_config_and_every_key(capsys):
+    import configuration
+
+    configuration.main(["config/default.yaml", "--train.lr=0.003"])
+    out = capsys.readouterr().out
+    printed = yaml.safe_load(out.split("\n# every key")[0])
+    assert printed == load_config("config/default.yaml", ["train.lr=0.003"])
+    table = out.split("# every key")[1]
+    for section, keys in DEFAULTS.items():
+        for key in keys:
+            assert f"\n{section}.{key} " in table, f"{section}.{key}"
+    assert "0.003 (default 0.0002)" in table
+
+
+def test_project_modules_import_no_script_and_form_no_cycle():
+    """Modules import each other as a DAG; a command-line script is imported by no module."""
+    import ast
+    import glob
+    import os
+
+    names = {os.path.basename(p)[:-3] for p in glob.glob("*.py")}
+    imports = {}
+    for name in names:
+        tree = ast.parse(open(f"{name}.py").read())
+        found = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        found |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imports[name] = found & names - {name}
+    scripts = {"train", "sample", "evaluate", "benchmark", "sweep"}
+    for name, deps in imports.items():
+        assert not deps & scripts, f"{name} imports the script(s) {deps & scripts}"
+    done, visiting = set(), []
+
+    def visit(name):
+        assert name not in visiting, f"import cycle: {' -> '.join(visiting + [name])}"
+        if name not in done:
+            visiting.append(name)
+            for dep in imports[name]:
+                visit(dep)
+            visiting.pop()
+            done.add(name)
+
+    for name in imports:
+        visit(name)

@@ -13,6 +13,12 @@ def sched():
     return LinearNoiseScheduler(T, 1e-4, 0.02)
 
 
+def x0_from(sched, x_t, eps, t, clip=True):
+    """The x_0 prediction the reverse steps take, clipped to [-1, 1] as the sampling loop does."""
+    x0 = sched.predict_x0(x_t, eps, t)
+    return x0.clamp(-1, 1) if clip else x0
+
+
 def test_schedule_invariants(sched):
     assert torch.all(sched.betas[1:] > sched.betas[:-1])
     assert torch.all(sched.alpha_bars[1:] < sched.alpha_bars[:-1])
@@ -40,9 +46,13 @@ def test_add_noise_then_predict_x0_returns_x0(sched):
 def test_batched_t_equals_one_t_at_a_time(sched):
     x0, noise = torch.randn(4, 1, 5, 5), torch.randn(4, 1, 5, 5)
     t = torch.tensor([3, 300, 600, 999])
-    batched = sched.ddpm_step(sched.add_noise(x0, noise, t), noise, t, t - 1, noise)
-    singles = [sched.ddpm_step(sched.add_noise(x0[i:i + 1], noise[i:i + 1], int(t[i])), noise[i:i + 1],
-                               int(t[i]), int(t[i]) - 1, noise[i:i + 1]) for i in range(4)]
+    x_t = sched.add_noise(x0, noise, t)
+    batched = sched.ddpm_step(x_t, x0_from(sched, x_t, noise, t), t, t - 1, noise)
+    singles = []
+    for i in range(4):
+        x_i = sched.add_noise(x0[i:i + 1], noise[i:i + 1], int(t[i]))
+        singles.append(sched.ddpm_step(x_i, x0_from(sched, x_i, noise[i:i + 1], int(t[i])), int(t[i]), int(t[i]) - 1,
+                                       noise[i:i + 1]))
     assert torch.allclose(batched, torch.cat(singles), atol=1e-6)
 
 
@@ -52,7 +62,7 @@ def test_ddpm_step_is_eq_11(sched):
     for t in [0, 1, 500, 999]:
         b, a, ab = sched.betas[t], sched.alphas[t], sched.alpha_bars[t]
         ref = (x_t - b / (1 - ab).sqrt() * eps) / a.sqrt() + sched.posterior_variance[t].sqrt() * z
-        assert torch.allclose(sched.ddpm_step(x_t, eps, t, t - 1, z, clip=False), ref, atol=1e-4)
+        assert torch.allclose(sched.ddpm_step(x_t, x0_from(sched, x_t, eps, t, False), t, t - 1, z), ref, atol=1e-4)
 
 
 def test_ddim_eta_1_matches_ddpm_mean_and_variance(sched):
@@ -60,14 +70,16 @@ def test_ddim_eta_1_matches_ddpm_mean_and_variance(sched):
     zero, z = torch.zeros_like(x_t), torch.randn_like(x_t)
     for t in [1, 2, 50, 500, 999]:
         for clip, tol in [(False, 1e-5), (True, 1e-4)]:  # clipping goes through eps = f(x0): float32 noise
-            mean_ddpm = sched.ddpm_step(x_t, eps, t, t - 1, zero, clip=clip)
-            mean_ddim = sched.ddim_step(x_t, eps, t, t - 1, eta=1.0, noise=zero, clip=clip)
+            x0 = x0_from(sched, x_t, eps, t, clip)
+            mean_ddpm = sched.ddpm_step(x_t, x0, t, t - 1, zero)
+            mean_ddim = sched.ddim_step(x_t, x0, t, t - 1, eta=1.0, noise=zero)
             assert torch.allclose(mean_ddim, mean_ddpm, atol=tol)
         sigma = sched.ddim_sigma(t, t - 1, 1.0, x_t)
         assert sigma.item() ** 2 == pytest.approx(sched.posterior_variance[t].item(), rel=1e-4)
         # same noise in, same sample out: the noise enters with the same scale
-        assert torch.allclose(sched.ddim_step(x_t, eps, t, t - 1, 1.0, z, clip=False),
-                              sched.ddpm_step(x_t, eps, t, t - 1, z, clip=False), atol=1e-5)
+        x0 = x0_from(sched, x_t, eps, t, False)
+        assert torch.allclose(sched.ddim_step(x_t, x0, t, t - 1, 1.0, z), sched.ddpm_step(x_t, x0, t, t - 1, z),
+                              atol=1e-5)
 
 
 def perfect_predictor(sched, x0):
@@ -88,7 +100,7 @@ def test_deterministic_samplers_recover_the_single_data_point(sched, steps):
             for t, t_prev in zip(ts, ts[1:] + [-1]):
                 eps = eps_fn(x, t)
                 if sampler == "ddim":
-                    x = sched.ddim_step(x, eps, t, t_prev, eta=0.0)
+                    x = sched.ddim_step(x, x0_from(sched, x, eps, t), t, t_prev, eta=0.0)
                 else:
                     x0_pred = sched.predict_x0(x, eps, t)
                     x = sched.dpm_solver_pp_step(x, x0_pred, t, t_prev, x0_last, t_last)
@@ -97,7 +109,8 @@ def test_deterministic_samplers_recover_the_single_data_point(sched, steps):
         assert torch.allclose(outs[0][1], x0.expand(3, -1, -1, -1), atol=1e-3), sampler
     # deterministic: the same start gives the same end
     x = outs[0][0]
-    y = [sched.ddim_step(x, eps_fn(x, ts[0]), ts[0], (ts[1:] + [-1])[0], eta=0.0) for _ in range(2)]
+    y = [sched.ddim_step(x, x0_from(sched, x, eps_fn(x, ts[0]), ts[0]), ts[0], (ts[1:] + [-1])[0], eta=0.0)
+         for _ in range(2)]
     assert torch.equal(y[0], y[1])
 
 
@@ -108,16 +121,15 @@ def test_dpm_solver_second_order_differs_from_first_order(sched):
     second = sched.dpm_solver_pp_step(x_t, x0, 500, 400, x0_last, 600)
     assert not torch.allclose(first, second)
     # first order DPM-Solver++ is DDIM with eta = 0 (Lu et al. 2022, sec. 4)
-    eps = sched.predict_eps(x_t, x0, 500)
-    assert torch.allclose(first, sched.ddim_step(x_t, eps, 500, 400, eta=0.0, clip=False), atol=1e-5)
+    assert torch.allclose(first, sched.ddim_step(x_t, x0, 500, 400, eta=0.0), atol=1e-5)
 
 
 @pytest.mark.parametrize("t", [0, 10, 999])
 def test_last_step_returns_x0_prediction_without_noise(sched, t):
     x_t, eps, z = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4) * 100
     x0 = sched.predict_x0(x_t, eps, t).clamp(-1, 1)
-    assert torch.allclose(sched.ddpm_step(x_t, eps, t, -1, z), x0, atol=1e-5)
-    assert torch.allclose(sched.ddim_step(x_t, eps, t, -1, eta=1.0, noise=z), x0, atol=1e-5)
+    assert torch.allclose(sched.ddpm_step(x_t, x0, t, -1, z), x0, atol=1e-5)
+    assert torch.allclose(sched.ddim_step(x_t, x0, t, -1, eta=1.0, noise=z), x0, atol=1e-5)
     assert torch.equal(sched.dpm_solver_pp_step(x_t, x0, t, -1, torch.randn_like(x0), t + 1), x0)
 
 

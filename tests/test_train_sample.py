@@ -10,8 +10,11 @@ from PIL import Image
 
 import sample
 import train
+import train_util
 from configuration import ConfigError, load_config
-from sample import build, generate, load_model
+from fileio import build, load_model
+from linear_noise_scheduler import sample_timesteps
+from samplers import generate
 
 
 def run_dir(config):
@@ -50,16 +53,16 @@ def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path, monkeypatch
     """Keep the step-3 checkpoint of a 6-step run, resume it elsewhere: same final weights."""
     saved = tmp_path / "resumed"
     saved.mkdir()
-    real_save = train.save_checkpoint
+    real_save = train_util.save_checkpoint
 
     def save_and_keep_step_3(path, state):
         real_save(path, state)
         if state["step"] == 3 and path.endswith("last.pt"):
             shutil.copy(path, saved / "last.pt")
 
-    monkeypatch.setattr(train, "save_checkpoint", save_and_keep_step_3)
+    monkeypatch.setattr(train_util, "save_checkpoint", save_and_keep_step_3)
     train.main(["--config", tiny_config])
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(train_util, "save_checkpoint", real_save)
     train.main(["--config", tiny_config, "--resume", f"--train.out_dir={saved}"])
 
     full = torch.load(os.path.join(run_dir(tiny_config), "last.pt"), weights_only=True)
@@ -80,15 +83,15 @@ def test_existing_run_is_not_overwritten_silently(tiny_config):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch):
-    real_loss, calls = train.diffusion_loss, []
+    real_loss, calls = train_util.diffusion_loss, []
 
     def loss_turning_nan(*args, **kwargs):
         per_sample, loss = real_loss(*args, **kwargs)
         calls.append(1)
         return per_sample, loss * float("nan") if len(calls) > 4 else loss
 
-    monkeypatch.setattr(train, "diffusion_loss", loss_turning_nan)
-    with pytest.raises(train.TrainingDiverged, match=r"nan.*last good checkpoint.*step 3"):
+    monkeypatch.setattr(train_util, "diffusion_loss", loss_turning_nan)
+    with pytest.raises(train_util.TrainingDiverged, match=r"nan.*last good checkpoint.*step 3"):
         train.main(["--config", tiny_config])
     ckpt = torch.load(os.path.join(run_dir(tiny_config), "last.pt"), weights_only=True)
     assert ckpt["step"] == 3
@@ -135,7 +138,7 @@ def test_ctrl_c_stops_between_steps_and_resumes_exactly(tiny_config, tmp_path, m
     uninterrupted one does."""
     import signal
 
-    real_ema_update, calls = train.ema_update, []
+    real_ema_update, calls = train_util.ema_update, []
     before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
 
     def ema_update_then_ctrl_c(*args):
@@ -145,11 +148,11 @@ def test_ctrl_c_stops_between_steps_and_resumes_exactly(tiny_config, tmp_path, m
             os.kill(os.getpid(), signal.SIGINT)
 
     interrupted = tmp_path / "interrupted"
-    monkeypatch.setattr(train, "ema_update", ema_update_then_ctrl_c)
+    monkeypatch.setattr(train_util, "ema_update", ema_update_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         train.main(["--config", tiny_config, f"--train.out_dir={interrupted}"])
     assert torch.load(interrupted / "last.pt", weights_only=True)["step"] == 4
-    monkeypatch.setattr(train, "ema_update", real_ema_update)
+    monkeypatch.setattr(train_util, "ema_update", real_ema_update)
     train.main(["--config", tiny_config, f"--train.out_dir={interrupted}", "--resume"])
     train.main(["--config", tiny_config])
     full = torch.load(os.path.join(run_dir(tiny_config), "last.pt"), weights_only=True)
@@ -161,24 +164,24 @@ def test_ctrl_c_stops_between_steps_and_resumes_exactly(tiny_config, tmp_path, m
 
 def test_logit_normal_timesteps_stay_in_range_and_shift_with_the_mean():
     cfg = {"timestep_sampling": "logit_normal", "logit_normal_std": 1.0, "stratified_timesteps": False}
-    low = train.sample_timesteps(20000, 1000, {**cfg, "logit_normal_mean": -1.0}, "cpu")
-    mid = train.sample_timesteps(20000, 1000, {**cfg, "logit_normal_mean": 0.0}, "cpu")
+    low = sample_timesteps(20000, 1000, {**cfg, "logit_normal_mean": -1.0}, "cpu")
+    mid = sample_timesteps(20000, 1000, {**cfg, "logit_normal_mean": 0.0}, "cpu")
     for t in (low, mid):
         assert t.dtype == torch.long and 0 <= t.min() and t.max() <= 999
     assert abs(mid.float().median() - 500) < 15  # sigmoid(N(0, 1)) has median 1/2
     assert low.float().median() < 300  # sigmoid(-1) = 0.27
-    uniform = train.sample_timesteps(20000, 1000, {"timestep_sampling": "uniform", "stratified_timesteps": False}, "cpu")
+    uniform = sample_timesteps(20000, 1000, {"timestep_sampling": "uniform", "stratified_timesteps": False}, "cpu")
     assert uniform.bincount(minlength=1000).min() > 0
 
 
 def test_stratified_timesteps_take_one_draw_per_quantile_band_of_the_same_distribution():
     torch.manual_seed(0)
     uniform = {"timestep_sampling": "uniform", "stratified_timesteps": True}
-    assert torch.equal(train.sample_timesteps(1000, 1000, uniform, "cpu"), torch.arange(1000))  # band i is [i, i+1)
+    assert torch.equal(sample_timesteps(1000, 1000, uniform, "cpu"), torch.arange(1000))  # band i is [i, i+1)
     cfg = {"timestep_sampling": "logit_normal", "logit_normal_std": 1.0, "logit_normal_mean": -1.0}
-    strat = torch.stack([train.sample_timesteps(64, 1000, {**cfg, "stratified_timesteps": True}, "cpu")
+    strat = torch.stack([sample_timesteps(64, 1000, {**cfg, "stratified_timesteps": True}, "cpu")
                          for _ in range(500)]).float()
-    plain = torch.stack([train.sample_timesteps(64, 1000, {**cfg, "stratified_timesteps": False}, "cpu")
+    plain = torch.stack([sample_timesteps(64, 1000, {**cfg, "stratified_timesteps": False}, "cpu")
                          for _ in range(500)]).float()
     # draw i of a batch lies in the i-th 1/64 quantile band of sigmoid(N(-1, 1)), scaled to 0..999
     edges = torch.sigmoid(torch.special.ndtri(torch.arange(65) / 64) - 1.0) * 1000
