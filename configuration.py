@@ -18,7 +18,8 @@ import yaml
 
 # section -> key -> (default, meaning)
 SCHEMA = {
-    "data": {"root": ("data/mnist", "folder of the four MNIST IDX files (downloaded if missing)")},
+    "data": {"root": ("data/mnist", "folder of the four MNIST IDX files (downloaded if missing)"),
+             "verify": (True, "check the files against MNIST's SHA-256 once (false: other data in MNIST's format)")},
     "model": {
         "image_size": (28, "height and width of the images"),
         "in_channels": (1, "image channels"),
@@ -58,7 +59,7 @@ SCHEMA = {
         "cond_drop_prob": (0.1, "conditional models: share of labels replaced by 'no label'"),
         "guide_fraction": (0.0, "> 0: keep the EMA at this share of the steps as the autoguidance guide"),
         "eval_every": (500, "period of checkpoint, sample grid and (with --val) validation loss"),
-        "val_samples": (2000, "held-out images in the validation loss"),
+        "val_samples": (2000, "images of the validation split (the last 5,000 of MNIST train) in the validation loss"),
         "log_every": (25, "period of the log.csv rows"),
         "num_threads": (0, "torch CPU threads (0 = torch's default)"),
         "amp": ("off", "autocast: off, bf16 or fp16 (fp16 with a gradient scaler)"),

@@ -5,9 +5,9 @@
     python evaluate.py --images some/folder/of/pngs
 
 Inception features mean little on 28x28 digits, so every feature-based metric
-here lives in the 128-d penultimate layer of a small CNN trained on the MNIST
-train split. It is trained once (1.5 minutes on 2 idle CPU cores) and cached as
-<data>/classifier.pt. Metrics, each for the samples and for real data:
+here lives in the 128-d penultimate layer of a small CNN trained on the first 45,000
+MNIST training images. It is trained once (1.5 minutes on 2 idle CPU cores) and cached as
+<data>/classifier_45k.pt. Metrics, each for the samples and for real data:
 
     fid              Frechet distance between Gaussians fitted to the features
     kid              unbiased MMD^2, cubic polynomial kernel (Binkowski et al. 2018),
@@ -21,13 +21,14 @@ train split. It is trained once (1.5 minutes on 2 idle CPU cores) and cached as
                      its entropy / log(10): 1 = all digits equally often
     nearest_train_l2 mean pixel-space L2 distance to the nearest training image
 
-All of them compare against the 10k test images. The "real floor" column
-scores a seeded random subset of the train split of the same size, which is as
-good as a generator can hope to do with that many samples (FID and KID depend
-on the sample count, so only compare numbers for equal counts). For the floor
-of nearest_train_l2 we use held-out test digits instead: train digits would be
-at distance 0 from themselves. Samples much closer to the training set than
-test digits are copies, not new digits.
+All of them compare against a reference set: the 10k test images (--split test, for final
+numbers) or the 5k validation images (--split val, for choosing and tuning: sweep.py uses it).
+The "real floor" column scores the same number of real digits that neither the classifier nor
+the reference set contains (partition() below), so floor and samples are scored alike: as good
+as a generator can hope to do with that many samples (FID and KID depend on the sample count,
+so only compare numbers for equal counts). For the floor of nearest_train_l2 we use digits the
+DDPM never trained on instead: train digits would be at distance 0 from themselves. Samples much
+closer to the training set than held-out digits are copies, not new digits.
 """
 
 import argparse
@@ -44,16 +45,16 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from configuration import DEVICE_HELP, ConfigError, pick_device, with_flags
+from configuration import DEVICE_HELP, ConfigError, pick_device, str2bool, with_flags
 from fileio import atomic_write, load_guide, load_model
 from mnist import MNIST
 from mnist import to_float as mnist_to_float
 from mnist_downloader import DownloadError, ensure_mnist_present
 from samplers import SAMPLERS, generate
 
-CLASSIFIER_FILE = "classifier.pt"
+CLASSIFIER_FILE = "classifier_45k.pt"  # trained on the first 45,000 training images only (see partition)
 FLOOR_CACHE_FILE = "eval_floor_cache.json"
-FLOOR_VERSION = 1  # part of the floor cache key: bump it when a metric changes
+FLOOR_VERSION = 2  # part of the floor cache key: bump it when a metric or the floor's images change
 ARCH = {"c1": 32, "c2": 64, "hidden": 128}  # changing it invalidates the cache
 TRAIN = {"epochs": 3, "batch_size": 64, "lr": 2e-3, "seed": 0}
 FEATURE_BATCH = 1000  # classifier forward passes only, memory is not a concern
@@ -162,7 +163,7 @@ def get_classifier(path, train_x, train_y, test_x, test_y, *, arch=ARCH, device=
     if os.path.exists(path):
         try:
             model, acc = load_classifier(path, arch, device)
-            log(f"classifier: {path} (test accuracy {acc:.4f})")
+            log(f"classifier: {path} (held-out accuracy {acc:.4f})")
             return model, acc
         # A corrupt file can fail in many ways inside torch.load (unpickling,
         # zip, EOF errors...); all of them mean "train a new one".
@@ -174,9 +175,9 @@ def get_classifier(path, train_x, train_y, test_x, test_y, *, arch=ARCH, device=
     t0 = time.time()
     model, acc = train_classifier(train_x, train_y, test_x, test_y, arch=arch,
                                   device=device, log=log, **train_kw)
-    log(f"classifier: test accuracy {acc:.4f} after {time.time() - t0:.0f} s, saved to {path}")
+    log(f"classifier: held-out accuracy {acc:.4f} after {time.time() - t0:.0f} s, saved to {path}")
     if acc < 0.99:
-        log("classifier: warning: test accuracy below 99%, features may be poor")
+        log("classifier: warning: held-out accuracy below 99%, features may be poor")
     save_classifier(path, model, acc, arch)
     return model, acc
 
@@ -349,13 +350,14 @@ def score(images, classifier, real_feats, train_images=None, *, seed=0, device="
     return result
 
 
-def real_floor(classifier, train_x, test_x, test_feats, n, *, seed=0, device="cpu", **score_kw):
-    """score() of n random train digits, with nearest_train_l2 from held-out test digits."""
+def real_floor(classifier, pool_x, ref_feats, held_out_x, train_x, n, *, seed=0, device="cpu", **score_kw):
+    """score() of n random digits of pool_x (real images the classifier never saw, as it never saw
+    the samples), with nearest_train_l2 from n held-out digits (which the DDPM never saw)."""
     gen = torch.Generator().manual_seed(seed)
-    subset = torch.randperm(len(train_x), generator=gen)[:n]
-    floor = score(train_x[subset], classifier, test_feats, seed=seed, device=device, **score_kw)
-    held_out = torch.randperm(len(test_x), generator=gen)[:n]
-    floor["nearest_train_l2"] = nearest_train_distance(test_x[held_out], train_x,
+    subset = torch.randperm(len(pool_x), generator=gen)[:n]
+    floor = score(pool_x[subset], classifier, ref_feats, seed=seed, device=device, **score_kw)
+    held_out = torch.randperm(len(held_out_x), generator=gen)[:n]
+    floor["nearest_train_l2"] = nearest_train_distance(held_out_x[held_out], train_x,
                                                        device=device).mean().item()
     return floor
 
@@ -377,36 +379,52 @@ def cached_floor(cache_path, key, compute, log=print):
     return cache[key]
 
 
+def partition(data_root, split):
+    """The real images evaluate.py uses, so that nothing is scored on what it was fitted to:
+    the DDPM's train split (55,000) minus its last 10,000 trains the classifier; those 10,000 are the
+    floor's pool; the reference set is `split` ("test" for final numbers, "val" for tuning), and the
+    other held-out split gives the floor of nearest_train_l2."""
+    if split not in ("test", "val"):
+        raise ConfigError(f"--split must be test or val, got {split!r}")
+    train, val, test = (MNIST(data_root, s) for s in ("train", "val", "test"))
+    train_x = to_float(train.images)
+    pool = len(train_x) * 2 // 11  # 10,000 of 55,000
+    ref, other = (test, val) if split == "test" else (val, test)
+    return {"train_x": train_x, "fit_x": train_x[:-pool], "fit_y": train.labels[:-pool], "pool_x": train_x[-pool:],
+            "val_x": to_float(val.images), "val_y": val.labels, "ref_x": to_float(ref.images),
+            "other_x": to_float(other.images)}
+
+
 def evaluate_images(images, data_root="data/mnist", *, seed=0, device="cpu", classifier=None,
-                    log=print, labels=None, **score_kw):
-    """Score generated images (N, 1, 28, 28) in [-1, 1] and the real floor for N.
+                    log=print, labels=None, split="test", **score_kw):
+    """Score generated images (N, 1, 28, 28) in [-1, 1] against the `split` images, and the real
+    floor for N (see partition()).
 
     Reads MNIST from data_root (run mnist_downloader.ensure_mnist first),
-    trains or loads the cached classifier unless classifier=(model, test_acc)
-    is given. Returns {"samples": {...}, "floor": {...}, "classifier_test_acc",
+    trains or loads the cached classifier unless classifier=(model, accuracy)
+    is given. Returns {"samples": {...}, "floor": {...}, "classifier_val_acc",
     "timings_s": {...}}.
     """
     timings, t0 = {}, time.time()
-    train, test = MNIST(data_root, "train"), MNIST(data_root, "test")
-    train_x, test_x = to_float(train.images), to_float(test.images)
+    d = partition(data_root, split)
     if classifier is None:
-        classifier = get_classifier(os.path.join(data_root, CLASSIFIER_FILE), train_x, train.labels,
-                                    test_x, test.labels, device=device, log=log, **TRAIN)
+        classifier = get_classifier(os.path.join(data_root, CLASSIFIER_FILE), d["fit_x"], d["fit_y"],
+                                    d["val_x"], d["val_y"], device=device, log=log, **TRAIN)
     model, acc = classifier
-    test_feats, _ = classifier_outputs(model, test_x, device)
+    ref_feats, _ = classifier_outputs(model, d["ref_x"], device)
     timings["data_and_classifier"], t0 = time.time() - t0, time.time()
 
-    samples = score(images, model, test_feats, train_x, seed=seed, device=device, labels=labels, **score_kw)
+    samples = score(images, model, ref_feats, d["train_x"], seed=seed, device=device, labels=labels, **score_kw)
     timings["samples"], t0 = time.time() - t0, time.time()
 
-    n = min(len(images), len(train_x))
-    key = " ".join([f"v{FLOOR_VERSION} n={n} seed={seed} acc={acc:.6f}"]
+    n = min(len(images), len(d["pool_x"]))
+    key = " ".join([f"v{FLOOR_VERSION} split={split} n={n} seed={seed} acc={acc:.6f}"]
                    + [f"{k}={v}" for k, v in sorted(score_kw.items())])
     floor = cached_floor(os.path.join(data_root, FLOOR_CACHE_FILE), key,
-                         lambda: real_floor(model, train_x, test_x, test_feats, n, seed=seed,
+                         lambda: real_floor(model, d["pool_x"], ref_feats, d["other_x"], d["train_x"], n, seed=seed,
                                             device=device, **score_kw), log)
     timings["floor"] = time.time() - t0
-    return {"samples": samples, "floor": floor, "classifier_test_acc": acc, "timings_s": timings}
+    return {"samples": samples, "floor": floor, "classifier_val_acc": acc, "split": split, "timings_s": timings}
 
 
 # ----------------------------------------------------------------------------
@@ -429,7 +447,8 @@ def format_table(result):
     if "label_accuracy" in samples:
         lines.append(f"{'asked-for digit read back':<28}{samples['label_accuracy']:>12.4g}")
         lines.append("  per digit 0-9: " + " ".join(f"{a:.3f}" for a in samples["per_digit_accuracy"]))
-    lines.append(f"(n = {samples['n']}, classifier test accuracy {result['classifier_test_acc']:.4f})")
+    lines.append(f"(n = {samples['n']} against the {result['split']} split; classifier accuracy on the "
+                 f"validation split {result['classifier_val_acc']:.4f})")
     return "\n".join(lines)
 
 
@@ -479,7 +498,8 @@ def guidance_sweep(args, weights):
         images, labels = sample_from_checkpoint(args, w)
         if labels is None:
             raise ConfigError("--guidance_sweep needs a conditional checkpoint (model.num_classes > 0)")
-        r = evaluate_images(images, args.data, seed=args.seed, device=args.device, labels=labels)["samples"]
+        r = evaluate_images(images, args.data, seed=args.seed, device=args.device, labels=labels,
+                            split=args.split)["samples"]
         rows.append({"guidance": w, **{k: r[k] for k in ["fid", "label_accuracy", "frac_confident", "precision",
                                                           "recall"]}})
         print(f"w = {w:g}: FID {r['fid']:.4g}, asked-for digit read back {r['label_accuracy']:.3f}, "
@@ -494,7 +514,7 @@ def parse_args(argv=None):
         "KID, precision/recall, classifier confidence, class balance and distance to the "
         "training set, next to the same numbers for real data.",
         epilog="Features come from a small CNN trained on MNIST on first use and cached in "
-        "DATA/classifier.pt; real-data numbers are cached in DATA/eval_floor_cache.json.")
+        "DATA/classifier_45k.pt; real-data numbers are cached in DATA/eval_floor_cache.json.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="checkpoint to sample from (EMA weights)")
     source.add_argument("--images", metavar="DIR", help="folder of 28x28 grayscale .png digits")
@@ -515,8 +535,15 @@ def parse_args(argv=None):
                         help="sampling batch size (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for sampling, KID subsets and the real subset (default: %(default)s)")
+    parser.add_argument("--split", default="test", choices=["test", "val"],
+                        help="real images to compare with: test for final numbers, val for tuning "
+                             "(default: %(default)s)")
     parser.add_argument("--data", default="data/mnist", help="MNIST folder (default: %(default)s)")
+    parser.add_argument("--verify_data", type=str2bool, default=True,
+                        help="check the MNIST files' SHA-256 once (False: other data in MNIST's format, "
+                             "as data.verify: false) (default: %(default)s)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+
     args = parser.parse_args(argv)
     if args.ckpt and args.num_samples is None:
         args.num_samples = 10000
@@ -547,7 +574,7 @@ def run(args):
             raise ConfigError(f"{args.images} holds {len(images)} .png files; need at least 4")
         out_path = os.path.join(args.images, f"eval_{len(images)}.json")
 
-    ensure_mnist_present(args.data)  # before sampling, so a missing dataset fails fast
+    ensure_mnist_present(args.data, verify=args.verify_data)  # before sampling: a missing dataset fails fast
 
     labels = None
     if images is None:
@@ -555,10 +582,11 @@ def run(args):
         eta = f"_eta{args.eta:g}" if args.eta else ""
         ag = f"_ag{args.autoguidance:g}" if args.autoguidance != 1 else ""
         out_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
-                                f"eval_{args.sampler}_{args.steps}{eta}{ag}_{args.num_samples}.json")
+                                f"eval_{args.sampler}_{args.steps}{eta}{ag}_{args.num_samples}"
+                                f"{'_val' if args.split == 'val' else ''}.json")
     t_sampled = time.time()
 
-    result = evaluate_images(images, args.data, seed=args.seed, device=args.device, labels=labels)
+    result = evaluate_images(images, args.data, seed=args.seed, device=args.device, labels=labels, split=args.split)
     print(format_table(result))
     if args.guidance_sweep:
         result["guidance_sweep"] = guidance_sweep(args, args.guidance_sweep)

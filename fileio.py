@@ -89,7 +89,7 @@ def _other_checkpoints(path):
     """What to do about a bad checkpoint: the other checkpoints of its run folder, if any."""
     folder = os.path.dirname(os.path.abspath(path))
     others = sorted(f for f in os.listdir(folder) if f.endswith(".pt") and f != os.path.basename(path)
-                    and f != "classifier.pt")
+                    and not f.startswith("classifier"))
     if others:
         return f"the run folder also holds {', '.join(others)}: pass one with --ckpt, or copy it over {path}"
     return "train again (--overwrite), or pass another checkpoint"

@@ -1,7 +1,11 @@
 """MNIST as a torch Dataset, read straight from the (decompressed) IDX files.
 
-The whole split is held in memory as uint8 (47 MB for train); items are float
-tensors of shape (1, 28, 28) scaled to [-1, 1], the range the sampler clips to.
+Splits: "train" is the first 55,000 images of MNIST's training file and "val" the last 5,000
+(the usual 55k/5k split: the validation loss, best.pt and any tuning use "val", and training
+never sees it); "test" is the official 10,000, kept for the final numbers. A smaller training
+file (as in the tests) is split in the same proportion, its last twelfth held out.
+The whole split is held in memory as uint8 (43 MB for train); items are float tensors of
+shape (1, 28, 28) scaled to [-1, 1], the range the sampler clips to.
 """
 
 import os
@@ -10,13 +14,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from configuration import ConfigError
+
 SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
+          "val": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
           "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000)}
+VAL_SHARE = 12  # the last 1/12 of the training file (5,000 of 60,000) is the validation split
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # IDX: 0x0000 0x08 (ubyte) 0x03 / 0x01 (dims)
 
 
-class MNISTFormatError(ValueError):
-    """An IDX file that is not what MNIST should be."""
+class MNISTFormatError(ConfigError):
+    """An IDX file that is not what MNIST should be (a ConfigError: the scripts print it in one line)."""
 
 
 def _read_idx(path, magic, dims):
@@ -50,15 +58,20 @@ class MNIST(Dataset):
         if missing:
             raise FileNotFoundError(f"MNIST not found in {root} (missing {', '.join(missing)}): "
                                     f"run `python mnist_downloader.py --root {root}`")
-        self.images = _read_idx(paths[0], IMAGES_MAGIC, 3)
-        self.labels = _read_idx(paths[1], LABELS_MAGIC, 1).long()
-        if self.images.shape[1:] != (28, 28):
-            raise MNISTFormatError(f"{paths[0]}: images are {tuple(self.images.shape[1:])}, expected 28x28")
-        if len(self.images) != len(self.labels):
-            raise MNISTFormatError(f"{root}: {len(self.images)} images but {len(self.labels)} labels")
-        if len(self.images) != expected:
+        images = _read_idx(paths[0], IMAGES_MAGIC, 3)
+        labels = _read_idx(paths[1], LABELS_MAGIC, 1).long()
+        if images.shape[1:] != (28, 28):
+            raise MNISTFormatError(f"{paths[0]}: images are {tuple(images.shape[1:])}, expected 28x28")
+        if len(images) != len(labels):
+            raise MNISTFormatError(f"{root}: {len(images)} images but {len(labels)} labels")
+        if len(images) != expected:
             # Not fatal: tests and subsets use smaller files. Real MNIST has exactly `expected`.
-            print(f"note: {paths[0]} holds {len(self.images)} images (official {split} split: {expected})")
+            print(f"note: {paths[0]} holds {len(images)} images (official file: {expected})")
+        if split != "test":
+            first_val = len(images) - len(images) // VAL_SHARE
+            part = slice(None, first_val) if split == "train" else slice(first_val, None)
+            images, labels = images[part], labels[part]
+        self.images, self.labels = images, labels
 
     def __len__(self):
         return len(self.images)

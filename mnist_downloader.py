@@ -3,9 +3,12 @@
     python mnist_downloader.py [--root data/mnist] [--mirror URL_OR_DIR ...]
 
 Each of the four .gz files is fetched from the first mirror that delivers a
-good copy, decompressed on the fly, checked against the official SHA-256, and
-only then renamed to its final name. So a file under its final name in root
-is always a verified one, and a later run can trust it and skip it.
+good copy, decompressed on the fly, checked against the official SHA-256, flushed
+to disk and only then renamed to its final name. A file found in root is checked
+against its SHA-256 once; its size and modification time are then remembered in
+root/.verified, so later starts cost a stat, and a file that changed since (a
+damaged or foreign file with the same name, Fashion-MNIST say) is checked again
+and fetched again if it fails.
 
 A mirror is an http(s) URL or a local folder (plain path or file:// URL) that
 holds the .gz files. Mirrors from --mirror come first, then those in the
@@ -14,11 +17,14 @@ public defaults below.
 """
 
 import argparse
+import glob
 import hashlib
 import http.client
+import json
 import os
 import secrets
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -45,7 +51,9 @@ FILES = {
 }
 
 TIMEOUT_S = 30  # per network operation, so a dead mirror cannot hang us
+FILE_DEADLINE_S = 900  # per file, so a mirror that trickles a byte at a time cannot either
 CHUNK = 1 << 16
+STAMPS = ".verified"  # name -> [size, mtime_ns, sha256] of the files verified in root
 
 
 class DownloadError(RuntimeError):
@@ -85,8 +93,11 @@ def _gunzip_capped(src, out, size, progress_bar):
     max_compressed = size + size // 100 + 65536
     unzip = zlib.decompressobj(16 + zlib.MAX_WBITS)  # 16+: expect a gzip header
     sha, read, written = hashlib.sha256(), 0, 0
+    deadline = time.monotonic() + FILE_DEADLINE_S
     while not unzip.eof:
-        chunk = src.read(CHUNK)
+        if time.monotonic() > deadline:
+            raise _BadFile(f"no complete file within {FILE_DEADLINE_S} s")
+        chunk = getattr(src, "read1", src.read)(CHUNK)  # what has arrived, so the deadline is checked
         if not chunk:
             raise _BadFile("truncated gzip file")
         read += len(chunk)
@@ -118,13 +129,24 @@ def _fetch(mirror, name, sha256, size, dest, progress):
             with src, tqdm(total=total, desc=name, unit="B", unit_scale=True,
                            file=sys.stderr, disable=not progress) as bar:
                 digest = _gunzip_capped(src, out, size, bar)
+            out.flush()
+            os.fsync(out.fileno())
         if digest != sha256:
             raise _BadFile("sha256 mismatch")
         os.replace(tmp, dest)
+        _fsync_dir(os.path.dirname(os.path.abspath(dest)))
     finally:
         # After a failure (or Ctrl-C) only the temp file exists; remove it.
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _describe(err):
@@ -170,30 +192,67 @@ def _fetch_from_any(mirrors, name, sha256, size, dest, progress):
         "environment variable.")
 
 
-def ensure_mnist_present(root="data/mnist", mirrors=None):
-    """ensure_mnist only if a file is missing: the scripts call this at start-up, and files that are
-    present were verified when they were downloaded (MNIST() still checks their structure)."""
-    if not all(os.path.exists(os.path.join(root, f)) for f in FILES):
-        ensure_mnist(root, mirrors)
+def _stamp(path):
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _read_stamps(root):
+    try:
+        with open(os.path.join(root, STAMPS)) as f:
+            stamps = json.load(f)
+        return stamps if isinstance(stamps, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _remembered(root, stamps, name, sha256):
+    """True if name was verified and has not changed since (same size and modification time)."""
+    path = os.path.join(root, name)
+    return os.path.isfile(path) and stamps.get(name) == _stamp(path) + [sha256]
+
+
+def ensure_mnist_present(root="data/mnist", mirrors=None, files=FILES, verify=True):
+    """What every script calls at start-up: a stat per file when all were verified before, else
+    ensure_mnist (which checks each file's SHA-256 and fetches what is missing or wrong).
+    verify=False (data.verify: false) trusts files that are present: data in MNIST's format that
+    is not MNIST itself (a subset, Fashion-MNIST, the tests' synthetic digits)."""
+    if not verify:
+        if all(os.path.exists(os.path.join(root, name)) for name in files):
+            return
+        ensure_mnist(root, mirrors, files)
+        return
+    stamps = _read_stamps(root)
+    if not all(_remembered(root, stamps, name, sha) for name, (sha, _) in files.items()):
+        ensure_mnist(root, mirrors, files)
 
 
 def ensure_mnist(root="data/mnist", mirrors=None, files=FILES, progress=True):
     """Make sure every file of the table is in root and verified.
 
-    Missing files, and present files with the wrong content, are fetched.
-    Raises DownloadError when no mirror delivers a good copy of a file.
+    Missing files, and present files with the wrong content, are fetched; temporary files that
+    a killed download left behind are removed. Raises DownloadError when no mirror delivers a
+    good copy of a file.
     """
     mirrors = mirrors_from(None) if mirrors is None else list(mirrors)
     os.makedirs(root, exist_ok=True)
+    for stale in glob.glob(os.path.join(glob.escape(str(root)), "*.tmp-*")):
+        os.remove(stale)
+    stamps = {}
     for name, (sha256, size) in files.items():
         dest = os.path.join(root, name)
         if _is_verified(dest, sha256, size):
             print(f"{name}: ok (already verified)")
-            continue
-        if os.path.exists(dest):
-            print(f"{name}: present but fails its sha256 check, fetching again")
-        mirror = _fetch_from_any(mirrors, name, sha256, size, dest, progress)
-        print(f"{name}: downloaded from {mirror}")
+        else:
+            if os.path.exists(dest):
+                print(f"{name}: present but fails its sha256 check, fetching again")
+            mirror = _fetch_from_any(mirrors, name, sha256, size, dest, progress)
+            print(f"{name}: downloaded from {mirror}")
+        stamps[name] = _stamp(dest) + [sha256]
+    path = os.path.join(root, STAMPS)
+    with open(path + ".tmp-stamps", "w") as f:
+        json.dump(stamps, f)
+    os.replace(path + ".tmp-stamps", path)
 
 
 def main(argv=None):

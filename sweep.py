@@ -7,7 +7,8 @@ The sweep file names a base config, the evaluation and the runs, each a set of d
 
     config: config/default.yaml
     out_dir: runs/sweep                  # one folder per run inside
-    evaluate: [--num_samples, "1000"]    # evaluate.py's arguments; its sampler defaults to the run's config
+    evaluate: [--num_samples, "1000"]    # evaluate.py's arguments (with --split val unless given); its
+                                         # sampler defaults to the run's config
     runs:
       base: {}
       lr4e-3: {train.lr: 0.004}
@@ -43,6 +44,8 @@ def load_sweep(path):
         raise ConfigError(f"{path}: needs a `runs:` mapping of name -> {{dotted.key: value}}")
     spec.setdefault("out_dir", "runs/sweep")
     spec.setdefault("evaluate", ["--num_samples", "1000"])
+    if "--split" not in spec["evaluate"]:  # choosing between variants is tuning: never on the test set
+        spec["evaluate"] = list(spec["evaluate"]) + ["--split", "val"]
     for name, overrides in spec["runs"].items():
         spec["runs"][name] = [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()]
         load_config(spec["config"], spec["runs"][name])  # a typo fails now, not after an hour
@@ -67,7 +70,7 @@ def run_one(name, overrides, spec, device, extra):
         row["train s"] = f"{time.perf_counter() - tic:.0f}"
         if rc == 0:
             rc = call([os.path.join(HERE, "evaluate.py"), "--ckpt", os.path.join(out, "last.pt"), "--data", cfg["data"]["root"],
-                       "--device", device] + [str(a) for a in spec["evaluate"]])
+                       "--verify_data", str(cfg["data"]["verify"]), "--device", device] + [str(a) for a in spec["evaluate"]])
     if rc != 0:
         row["FID"] = f"failed (exit {rc}, see {out}/sweep.log)"
         return row
@@ -100,8 +103,8 @@ def main(argv=None):
     unknown = [n for n in names if n not in spec["runs"]]
     if unknown:
         raise ConfigError(f"--only names unknown runs {unknown}; the sweep has {list(spec['runs'])}")
-    root = load_config(spec["config"])["data"]["root"]
-    ensure_mnist_present(root, mirrors_from(args.mirror))  # once, before runs that would race to fetch it
+    data = load_config(spec["config"])["data"]
+    ensure_mnist_present(data["root"], mirrors_from(args.mirror), verify=data["verify"])  # once, before runs race
     os.makedirs(spec["out_dir"], exist_ok=True)
     summary = os.path.join(spec["out_dir"], "summary.md")
     rows = {}

@@ -185,7 +185,7 @@ def training_data(cfg, mirrors, device):
     (once per machine under torchrun)."""
     root, bs = cfg["data"]["root"], cfg["train"]["batch_size"]
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        ensure_mnist_present(root, mirrors)
+        ensure_mnist_present(root, mirrors, verify=cfg["data"]["verify"])
     if dist.is_initialized():
         dist.barrier()
     data = MNIST(root, "train")
@@ -235,17 +235,18 @@ def mean_over_ranks(value):
 # ----------------------------------------------------------------------------
 
 class Validator:
-    """Validation loss on fixed test images with fixed noise and timesteps, so evaluations compare.
-    Under torchrun each rank scores every world_size-th image and the sums are all-reduced."""
+    """Validation loss on fixed images of the validation split (never trained on) with fixed noise
+    and timesteps, so evaluations compare. Under torchrun each rank scores every world_size-th
+    image and the sums are all-reduced."""
 
     def __init__(self, root, n, num_timesteps, device, rank=0, world_size=1):
-        test = MNIST(root, "test")
+        held_out = MNIST(root, "val")
         g = torch.Generator().manual_seed(1234)
-        x0 = to_float(test.images[:n, None])
+        x0 = to_float(held_out.images[:n, None])
         t = torch.randint(0, num_timesteps, (len(x0),), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         shard = slice(rank, None, world_size)
-        self.x0, self.y = x0[shard].to(device), test.labels[:n][shard].to(device)
+        self.x0, self.y = x0[shard].to(device), held_out.labels[:n][shard].to(device)
         self.t, self.noise = t[shard].to(device), noise[shard].to(device)
         self.num_timesteps = num_timesteps
 

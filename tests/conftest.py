@@ -51,7 +51,7 @@ TINY = {
 def tiny_config(tmp_path, mnist_root):
     """Path of a YAML config for a tiny model on the synthetic data, writing into tmp_path/run."""
     cfg = {section: dict(values) for section, values in TINY.items()}
-    cfg["data"] = {"root": mnist_root}
+    cfg["data"] = {"root": mnist_root, "verify": False}  # synthetic digits, not MNIST's files
     cfg["train"]["out_dir"] = str(tmp_path / "run")
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))

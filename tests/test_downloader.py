@@ -96,8 +96,8 @@ def folder_mirror(path, files):
 
 
 def assert_good(root):
-    """root holds exactly the verified files, no temp files."""
-    assert sorted(os.listdir(root)) == sorted(RAW)
+    """root holds exactly the verified files and the record of their verification, no temp files."""
+    assert sorted(os.listdir(root)) == sorted(list(RAW) + [md.STAMPS])
     for name, data in RAW.items():
         assert (root / name).read_bytes() == data
 
@@ -220,3 +220,63 @@ def test_cli_all_bad_exits_with_message(tmp_path, capsys, no_defaults):
     assert f"{missing}: file not found" in err
     assert "--mirror URL_OR_DIR" in err
     assert "Traceback" not in err
+
+
+def test_verified_files_are_remembered_and_a_changed_one_is_fetched_again(tmp_path, monkeypatch, capsys):
+    folder = folder_mirror(tmp_path / "mirror", GOOD)
+    root = tmp_path / "mnist"
+    md.ensure_mnist_present(root, [folder], TABLE)
+    assert_good(root)
+    # all remembered: no file is hashed again
+    monkeypatch.setattr(md, "_is_verified", lambda *a: pytest.fail("a remembered file was hashed again"))
+    md.ensure_mnist_present(root, [folder], TABLE)
+    monkeypatch.undo()
+    # a file of the same size but other content (a foreign or damaged file under the same name)
+    name = next(iter(RAW))
+    (root / name).write_bytes(bytes(len(RAW[name])))
+    capsys.readouterr()
+    md.ensure_mnist_present(root, [folder], TABLE)
+    assert_good(root)
+    assert f"{name}: present but fails its sha256 check, fetching again" in capsys.readouterr().out
+
+
+def test_stale_temporary_files_are_removed(tmp_path):
+    folder = folder_mirror(tmp_path / "mirror", GOOD)
+    root = tmp_path / "mnist"
+    root.mkdir()
+    (root / f"{next(iter(RAW))}.tmp-dead1234").write_bytes(b"half a download")
+    md.ensure_mnist(root, [folder], TABLE, progress=False)
+    assert_good(root)
+
+
+def test_a_trickling_mirror_hits_the_per_file_deadline(tmp_path, monkeypatch):
+    """A mirror that sends a byte now and then never trips the per-operation timeout; the
+    per-file deadline stops it."""
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            try:
+                for byte in GOOD["images-idx3.gz"][:30]:  # bounded: 30 bytes of a good file in ~3 s
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    threading.Event().wait(0.1)
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    monkeypatch.setattr(md, "FILE_DEADLINE_S", 0.5)
+    try:
+        with pytest.raises(md.DownloadError, match="no complete file within 0.5 s"):
+            md.ensure_mnist(tmp_path / "mnist", [f"http://127.0.0.1:{server.server_address[1]}/"], TABLE,
+                            progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

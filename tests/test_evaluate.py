@@ -118,6 +118,44 @@ def test_kid_near_zero_for_same_set_and_larger_when_shifted():
     assert abs(same) < 0.05 * shifted
 
 
+def test_kid_is_unbiased_for_two_independent_samples_of_one_distribution():
+    """E[MMD^2_u] = 0 when both sets come from the same distribution; keeping the diagonal k(x, x)
+    (the biased estimator) adds about 2 (E k(x, x) - E k(x, y)) / m, here ~0.1 at m = 100."""
+    gen = torch.Generator().manual_seed(7)
+    a, b = torch.randn(3000, 16, generator=gen), torch.randn(3000, 16, generator=gen)
+    mean, std = E.kid(a, b, num_subsets=200, subset_size=100)
+    assert abs(mean) < 4 * std / math.sqrt(200)  # within four standard errors of 0
+    assert abs(mean) < 0.02
+
+
+def clusters(centres, n_per, seed, spread=0.05):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([c + spread * torch.randn(n_per, len(c), generator=gen) for c in centres])
+
+
+def test_precision_recall_tell_a_half_covering_generator_from_a_noisy_one():
+    """Real data in 10 tight clusters (in 2-D, where 3-NN balls of 200 points cover another sample of
+    the same cluster almost entirely); samples that cover 5 of them are all realistic (precision ~1)
+    but miss half the data (recall ~1/2); swapping the arguments swaps the two."""
+    angles = torch.arange(10) * 2 * math.pi / 10
+    centres = 3 * torch.stack([angles.cos(), angles.sin()], 1)
+    real = clusters(centres, 200, seed=0)
+    half = clusters(centres[:5], 200, seed=1)
+    precision, recall = E.precision_recall(real, half)
+    assert precision > 0.95 and abs(recall - 0.5) < 0.05
+    swapped = E.precision_recall(half, real)
+    assert abs(swapped[0] - 0.5) < 0.05 and swapped[1] > 0.95
+
+
+def test_knn_radius_is_the_distance_to_the_kth_other_point():
+    """Points 0, 1, ..., 9 on a line: the 3rd nearest other point of an interior point is 2 away
+    (1, 1, 2), of an end point 3 away."""
+    line = torch.arange(10, dtype=torch.float64)[:, None]
+    radii = E.knn_radii(line, k=3)
+    assert radii[0] == radii[-1] == 3 and radii[1] == radii[-2] == 2
+    assert torch.all(radii[2:-2] == 2)
+
+
 def test_precision_recall():
     gen = torch.Generator().manual_seed(7)
     real = torch.randn(300, 8, generator=gen)

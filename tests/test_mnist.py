@@ -9,9 +9,10 @@ from mnist import MNIST, MNISTFormatError, to_float, to_uint8
 
 
 def test_items_are_floats_in_minus_one_one(mnist_root):
-    ds = MNIST(mnist_root, "train")
+    ds, val = MNIST(mnist_root, "train"), MNIST(mnist_root, "val")
     images, labels = synthetic_digits(256, 0)
-    assert len(ds) == 256 and ds.images.dtype == torch.uint8
+    assert len(ds) + len(val) == 256 and len(val) == 256 // 12 and ds.images.dtype == torch.uint8
+    assert torch.equal(val.images, torch.from_numpy(images[-len(val):]))  # the last twelfth, never trained on
     x, y = ds[3]
     assert x.shape == (1, 28, 28) and x.dtype == torch.float32
     assert x.min() >= -1 and x.max() <= 1
