@@ -40,7 +40,8 @@ SCHEMA = {
     "train": {
         "out_dir": ("runs/default", "checkpoints, logs, config.yaml and sample grids go here"),
         "seed": (0, "seed of weights, noise, timesteps and batch order"),
-        "steps": (800000, "optimizer steps"),
+        "steps": (800000, "optimizer steps (with a time budget: chosen at start-up, then saved)"),
+        "time_budget": ("0", "wall-clock budget such as 600, 90s, 10m or 1.5h: train as many steps as fit (0 = off)"),
         "batch_size": (128, "images per step (global under torchrun)"),
         "lr": (2e-4, "AdamW learning rate after warm-up"),
         "lr_schedule": ("constant", "constant, or cosine down to min_lr_ratio * lr at the last step"),
@@ -106,6 +107,8 @@ def _set(cfg, dotted, value, origin):
     default = DEFAULTS[section][key]
     if dotted == "train.amp" and value is False:  # YAML 1.1 reads a bare `off` as false
         value = "off"
+    if dotted == "train.time_budget" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # 600 means 600 seconds
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(default, float) and isinstance(value, str):
@@ -183,6 +186,7 @@ def validate(cfg):
     if not 0 < d["beta_start"] < d["beta_end"] < 1:
         raise ConfigError(f"need 0 < diffusion.beta_start < diffusion.beta_end < 1, "
                           f"got {d['beta_start']} and {d['beta_end']}")
+    parse_duration(t["time_budget"])
     if cfg["sample"]["autoguidance"] != 1.0 and not t["guide_fraction"]:
         raise ConfigError(f"sample.autoguidance = {cfg['sample']['autoguidance']} needs a guide: set "
                           "train.guide_fraction > 0, or sample.autoguidance=1 to sample without one")
@@ -226,6 +230,20 @@ def check_model(image_size, in_channels, channels, num_res_blocks, attention, mi
         raise ConfigError(f"model.num_classes must be 0 (unconditional) or the number of labels, got {num_classes}")
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {dropout}")
+
+
+def parse_duration(text):
+    """Seconds of "600", "90s", "10m" or "1.5h" (0 = no budget); a ConfigError for anything else."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise ConfigError(f"train.time_budget must be seconds or a duration such as 90s, 10m or 1.5h, "
+                          f"got {text!r}") from None
+    if not seconds >= 0:
+        raise ConfigError(f"train.time_budget must be >= 0, got {text!r}")
+    return seconds
 
 
 def guide_step(t_cfg):

@@ -14,6 +14,8 @@ The sweep file names a base config, the evaluation and the runs, each a set of d
       lr4e-3: {train.lr: 0.004}
 
 Each run is `train.py` then `evaluate.py` in a subprocess (output in <out_dir>/<run>/sweep.log);
+`--train.time_budget=10m` gives every variant the same wall-clock budget (compute-matched: each
+trains as many steps as fit at its own speed, and the table shows them);
 --jobs of them at a time. The table (markdown) goes to <out_dir>/summary.md, rewritten as runs
 finish, so a sweep cut short keeps what it measured. Wall times of runs that share the machine
 are not comparable: on a CPU, time runs one at a time (--jobs 1).
@@ -56,8 +58,7 @@ def run_one(name, overrides, spec, device, extra):
     out = os.path.join(spec["out_dir"], name)
     os.makedirs(out, exist_ok=True)
     cfg = load_config(spec["config"], overrides + split_overrides(extra)[1] + [f"train.out_dir={out}"])
-    row = {"run": name, "overrides": " ".join(overrides) or "(base)",
-           "batch x steps": f"{cfg['train']['batch_size']} x {cfg['train']['steps']}"}
+    row = {"run": name, "overrides": " ".join(overrides) or "(base)"}
     with open(os.path.join(out, "sweep.log"), "w") as log:
         def call(args):
             log.write(f"$ {' '.join(args)}\n")
@@ -68,6 +69,9 @@ def run_one(name, overrides, spec, device, extra):
         rc = call([os.path.join(HERE, "train.py"), "--config", spec["config"], "--overwrite", "--device", device,
                    f"--train.out_dir={out}"] + [f"--{o}" for o in overrides] + extra)
         row["train s"] = f"{time.perf_counter() - tic:.0f}"
+        if os.path.exists(os.path.join(out, "config.yaml")):  # the step count a time budget chose, if any
+            cfg = load_config(os.path.join(out, "config.yaml"))
+        row["batch x steps"] = f"{cfg['train']['batch_size']} x {cfg['train']['steps']}"
         if rc == 0:
             rc = call([os.path.join(HERE, "evaluate.py"), "--ckpt", os.path.join(out, "last.pt"), "--data", cfg["data"]["root"],
                        "--verify_data", str(cfg["data"]["verify"]), "--device", device] + [str(a) for a in spec["evaluate"]])

@@ -12,27 +12,33 @@ grad norm, images/s), val.csv, config.yaml and samples/step_*.png, a grid from f
 noise at every evaluation. The loop is train() below; what it stands on is train_util.py.
 """
 
-import argparse
-import os
-import sys
+import time
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
+STARTED = time.monotonic()  # `python train.py`: train.time_budget counts from here, before the imports
 
-from configuration import DEFAULTS, DEVICE_HELP, ConfigError, guide_step, load_config, merge, split_overrides, str2bool
-from fileio import build, load_checkpoint
-from linear_noise_scheduler import sample_timesteps
-from mnist import to_float
-from mnist_downloader import DownloadError, mirrors_from
-from train_util import (Run, StepRunner, TrainingDiverged, Validator, batch_indices, batch_shard, deferred_interrupt,
-                        distributed_setup, drop_labels, ema_decay_at, lr_at, rank_and_world, stop_now, stop_requested,
-                        training_data)
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from configuration import (DEFAULTS, DEVICE_HELP, ConfigError, guide_step, load_config, merge,  # noqa: E402
+                           parse_duration, split_overrides, str2bool)
+from fileio import build, load_checkpoint  # noqa: E402
+from linear_noise_scheduler import sample_timesteps  # noqa: E402
+from mnist import to_float  # noqa: E402
+from mnist_downloader import DownloadError, mirrors_from  # noqa: E402
+from train_util import (Run, StepRunner, TrainingDiverged, Validator, batch_indices, batch_shard,  # noqa: E402
+                        deferred_interrupt, distributed_setup, drop_labels, ema_decay_at, lr_at, rank_and_world,
+                        steps_for_budget, stop_now, stop_requested, training_data)
 
 
-def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None):
+def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None, started=None):
     """Train from cfg (or continue ckpt); returns (model, ema). Under torchrun (call
-    distributed_setup first) each rank takes its share of every global batch."""
+    distributed_setup first) each rank takes its share of every global batch. A time budget
+    counts from `started` (time.monotonic(); default: now)."""
     t_cfg, T, bs = cfg["train"], cfg["diffusion"]["num_timesteps"], cfg["train"]["batch_size"]
     rank, world = rank_and_world()
     shard = batch_shard(bs, rank, world)
@@ -53,11 +59,14 @@ def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None):
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
+    validator = Validator(cfg["data"]["root"], t_cfg["val_samples"], T, device, rank, world) if val else None
+    run = Run(cfg, runner, scheduler, device, validator, step, resumed=ckpt is not None)
+    if ckpt is None and parse_duration(t_cfg["time_budget"]):  # then fix the step count, once
+        t_cfg["steps"] = steps_for_budget(run, images, labels, shard, started or time.monotonic())
+        run.write_config()
     # Autoguidance: the EMA weights of this step are kept beside the final ones, as a weaker version of
     # the same model for the sampler to steer away from. Free in training time: a copy of the weights.
     guide_at = guide_step(t_cfg)
-    validator = Validator(cfg["data"]["root"], t_cfg["val_samples"], T, device, rank, world) if val else None
-    run = Run(cfg, runner, scheduler, device, validator, step, resumed=ckpt is not None)
     if rank == 0:
         procs = f" x {world} processes" if world > 1 else ""
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; device {device}{procs}; "
@@ -124,9 +133,15 @@ def parse_args(argv):
     return p.parse_args(rest), overrides
 
 
-def main(argv=None):
+def main(argv=None, started=None):
+    """The command line; train.time_budget counts from `started` (default: now)."""
+    started = time.monotonic() if started is None else started
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
+    if parse_duration(cfg["train"]["time_budget"]) and any(o.startswith("train.steps=") for o in overrides):
+        print(f"note: --train.steps={cfg['train']['steps']} given, so train.time_budget={cfg['train']['time_budget']} "
+              "is not used: training exactly that many steps")
+        cfg["train"]["time_budget"] = "0"
     last_path = os.path.join(cfg["train"]["out_dir"], "last.pt")
     ckpt = None
     if args.resume:
@@ -143,7 +158,7 @@ def main(argv=None):
             print(f"note: the checkpoint is past train.guide_fraction's step {guide_at} and holds no guide; "
                   "this run will have none (sample it with autoguidance 1)")
     try:
-        train(cfg, args.val, device, ckpt, mirrors_from(args.mirror))
+        train(cfg, args.val, device, ckpt, mirrors_from(args.mirror), started)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -151,7 +166,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     try:
-        main()
+        main(started=STARTED)
     except (ConfigError, DownloadError, FileNotFoundError, TrainingDiverged) as e:
         sys.exit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 1)  # under torchrun, said once
     except KeyboardInterrupt:

@@ -25,7 +25,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from configuration import ConfigError, pick_device
+from configuration import ConfigError, parse_duration, pick_device
 from fileio import atomic_write, make_grid, save_checkpoint, save_image
 from linear_noise_scheduler import diffusion_loss
 from mnist import MNIST, to_float
@@ -174,6 +174,82 @@ class StepRunner:
         self.opt.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
+
+
+# ----------------------------------------------------------------------------
+# A wall-clock budget
+# ----------------------------------------------------------------------------
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step_and_evaluation(run, images, labels, shard, warmup=5, measure=25):
+    """(seconds per training step, seconds per evaluation), timed on throwaway copies of the model,
+    EMA and optimizer with a batch of the run's shape. The run itself is untouched and the RNG
+    state is put back, so the run trains exactly as one given its step count would."""
+    cfg, device = run.cfg, run.device
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    trial = StepRunner(copy.deepcopy(run.runner.model), run.scheduler, cfg["train"], device)
+    g = torch.Generator().manual_seed(0)
+    n = shard.stop - shard.start
+    x0 = to_float(images[:n, None])
+    t = torch.randint(0, cfg["diffusion"]["num_timesteps"], (n,), generator=g).to(device)
+    noise = torch.randn(x0.shape, generator=g).to(device)
+    y = labels[:n] if trial.model.num_classes else None
+    for i in range(warmup + measure):
+        if i == warmup:
+            _sync(device)
+            tic = time.perf_counter()
+        trial(x0, t, noise, y, cfg["train"]["lr"], 0.99)
+    _sync(device)
+    step_s, tic = (time.perf_counter() - tic) / measure, time.perf_counter()
+    # One evaluation as the run makes them: validation loss, the preview grid (with the guide, the
+    # dearer case), a checkpoint. Written to temporary files, then removed.
+    timed_run = copy.copy(run)
+    timed_run.runner, timed_run.lead = trial, False
+    timed_run.evaluate(0, float("inf"), None)
+    if run.lead:
+        guide = trial.ema.state_dict() if cfg["train"]["guide_fraction"] else None
+        for path, write in [(os.path.join(run.out_dir, "samples", "calibration.tmp.png"), lambda p: run.preview(p, guide)),
+                            (os.path.join(run.out_dir, "calibration.tmp.pt"), lambda p: timed_run.save(p, 0, 0.0, guide))]:
+            write(path)
+            os.remove(path)
+    _sync(device)
+    eval_s = time.perf_counter() - tic
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state(rng[1], device)
+    return step_s, eval_s
+
+
+def steps_for_budget(run, images, labels, shard, started):
+    """The largest step count whose steps and evaluations fit in what is left of train.time_budget
+    (counted from `started`, train.py's start), as rank 0 measures it; every rank uses rank 0's count."""
+    t_cfg = run.cfg["train"]
+    budget = parse_duration(t_cfg["time_budget"])
+    step_s, eval_s = time_step_and_evaluation(run, images, labels, shard)
+    left = budget - (time.monotonic() - started)
+    steps = max(0, int(left / step_s))
+    for _ in range(3):  # the evaluations depend on the count: N // eval_every of them, and one at the end
+        evals = steps // t_cfg["eval_every"] + (steps % t_cfg["eval_every"] != 0)
+        steps = max(0, int(BUDGET_SAFETY * (left - evals * eval_s) / step_s))
+    if dist.is_initialized():
+        count = torch.tensor([steps], device=run.device)
+        dist.broadcast(count, 0)
+        steps = int(count.item())
+    if steps < 1:
+        raise ConfigError(f"train.time_budget={t_cfg['time_budget']} is too small: start-up and calibration took "
+                          f"{budget - left:.0f} s and one step with its evaluation takes {step_s + eval_s:.1f} s "
+                          f"here; ask for more time, or set train.steps")
+    if run.lead:
+        print(f"time budget {t_cfg['time_budget']}: {step_s:.3f} s per step and {eval_s:.1f} s per evaluation "
+              f"here, so {steps} steps (saved as train.steps; --train.steps={steps} repeats this run)")
+    return steps
+
+
+BUDGET_SAFETY = 0.98  # the loop's logging and syncs cost a little more than the timed steps
 
 
 # ----------------------------------------------------------------------------
@@ -376,11 +452,16 @@ class Run:
         if self.lead:
             os.makedirs(os.path.join(self.out_dir, "samples"), exist_ok=True)
             clear_outputs(self.out_dir, fresh=not resumed)
-            atomic_write(os.path.join(self.out_dir, "config.yaml"),
-                         lambda f: f.write(yaml.safe_dump(cfg, sort_keys=False).encode()))
+            self.write_config()
             if resumed:
                 for path, fields in [(self.log_path, LOG_FIELDS), (self.val_path, VAL_FIELDS)]:
                     truncate_csv(path, fields, step)
+
+    def write_config(self):
+        """config.yaml: the resolved config (rank 0)."""
+        if self.lead:
+            atomic_write(os.path.join(self.out_dir, "config.yaml"),
+                         lambda f: f.write(yaml.safe_dump(self.cfg, sort_keys=False).encode()))
 
     def _reset_meter(self):
         self.acc_loss, self.acc_n, self.acc_q = torch.zeros((), device=self.device), 0, []

@@ -212,3 +212,28 @@ def test_sample_cli_writes_the_digits_generate_gives_and_repeats_them_under_a_se
     grid = Image.open(os.path.join(out, "samples_ddpm_5.png"))
     assert grid.size == (2 * (6 * 30 + 2), 2 * 30 + 2 * 2)  # one row of 6 cells of 28 + 2 padding, scaled 2x
     assert len(set(np.array(grid).ravel().tolist())) > 2  # digits, not a blank or binary image
+
+
+def test_time_budget_fixes_the_step_count_and_that_count_repeats_the_run(tiny_config, capsys):
+    """A budget picks the step count once, saves it, and trains exactly as a run given that count."""
+    budget = run_dir(tiny_config) + "_budget"
+    train.main(["--config", tiny_config, "--train.time_budget=20s", "--train.eval_every=50", f"--train.out_dir={budget}"])
+    out = capsys.readouterr().out
+    ckpt = torch.load(os.path.join(budget, "last.pt"), weights_only=True)
+    steps = ckpt["config"]["train"]["steps"]
+    assert f"so {steps} steps" in out and steps != load_config(tiny_config)["train"]["steps"]
+    assert ckpt["step"] == steps and load_config(os.path.join(budget, "config.yaml"))["train"]["steps"] == steps
+    rows = list(csv.DictReader(open(os.path.join(budget, "log.csv"))))
+    assert int(rows[-1]["step"]) == steps
+    # the same count, given: the budget is named as not used, and the weights are the same to the bit
+    train.main(["--config", tiny_config, "--train.time_budget=20s", "--train.eval_every=50", f"--train.steps={steps}"])
+    assert "train.time_budget=20s is not used" in capsys.readouterr().out
+    again = torch.load(os.path.join(run_dir(tiny_config), "last.pt"), weights_only=True)
+    for key in ["model", "ema"]:
+        for name, value in ckpt[key].items():
+            assert torch.equal(value, again[key][name]), (key, name)
+
+
+def test_a_budget_too_small_to_calibrate_is_a_clear_error(tiny_config):
+    with pytest.raises(ConfigError, match=r"train.time_budget=0.5s is too small.*ask for more time, or set train.steps"):
+        train.main(["--config", tiny_config, "--train.time_budget=0.5s"])
