@@ -10,7 +10,8 @@ Measures, on random data shaped like MNIST (the numbers do not depend on the dat
   - FLOPs per image of a training step and of a forward pass (torch's FlopCounterMode:
     matmuls and convolutions, the bulk of the work);
   - the machine's fp32 matmul throughput (2048 x 2048), and the share of it training reaches;
-  - peak memory (CUDA: max allocated; CPU: the process's peak resident set).
+  - peak memory (CUDA: max allocated; CPU: the process's peak resident set);
+  - how long the config's training would take here (with a time budget: how many steps it buys).
 """
 
 import argparse
@@ -24,7 +25,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from configuration import DEVICE_HELP, load_config, pick_device, run_cli, split_overrides
+from configuration import DEVICE_HELP, load_config, parse_duration, pick_device, run_cli, split_overrides
 from fileio import build
 from linear_noise_scheduler import diffusion_loss
 from train_util import StepRunner
@@ -100,7 +101,22 @@ def benchmark(cfg, device, min_seconds=5.0, batch_size=None):
         "train_gflop_per_img": train_flops / 1e9, "forward_gflop_per_img": fwd_flops / 1e9,
         "train_gflop_per_s": achieved, "matmul_fp32_gflop_per_s": peak_gflops,
         "share_of_matmul_peak": achieved / peak_gflops, "peak_memory_mb": peak / 2**20,
+        **training_time(cfg, bs / train_s, sample_bs / sample_s),
     }
+
+
+def training_time(cfg, train_img_per_s, sample_img_per_s):
+    """What the config's training would take here: its step count (or, with train.time_budget, the
+    count the budget buys) and the seconds of steps plus evaluations (each a 64-image preview grid
+    with the config's sampler; validation and checkpoints are small beside it)."""
+    t, s, T = cfg["train"], cfg["sample"], cfg["diffusion"]["num_timesteps"]
+    step_s = t["batch_size"] / train_img_per_s
+    evals_per_image = (s["steps"] or T) * (2 if s["autoguidance"] != 1.0 or s["guidance"] != 1.0 else 1)
+    eval_s = 64 * evals_per_image / sample_img_per_s
+    budget = parse_duration(t["time_budget"])
+    steps = int(budget / (step_s + eval_s / t["eval_every"])) if budget else t["steps"]
+    evals = steps // t["eval_every"] + (steps % t["eval_every"] != 0)
+    return {"config_train_steps": steps, "config_train_s": steps * step_s + evals * eval_s}
 
 
 def main(argv=None):
@@ -127,7 +143,10 @@ def main(argv=None):
             ("training GFLOP/s achieved", f"{r['train_gflop_per_s']:.1f}"),
             ("fp32 matmul GFLOP/s (2048^2) on this machine", f"{r['matmul_fp32_gflop_per_s']:.1f}"),
             ("share of matmul peak reached by training", f"{100 * r['share_of_matmul_peak']:.0f} %"),
-            ("peak memory", f"{r['peak_memory_mb']:.0f} MB")]
+            ("peak memory", f"{r['peak_memory_mb']:.0f} MB"),
+            ("this config's training here" + (f" (time budget {cfg['train']['time_budget']})"
+                                              if parse_duration(cfg["train"]["time_budget"]) else ""),
+             f"{r['config_train_steps']} steps in about {r['config_train_s'] / 60:.1f} min")]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
