@@ -195,3 +195,16 @@ def test_compiled_training_matches_eager(tiny_config):
     train.main(["--config", tiny_config, "--train.steps=1", f"--train.out_dir={a}"])
     train.main(["--config", tiny_config, "--train.steps=1", "--train.compile=true", f"--train.out_dir={b}"])
     assert_same_training(a, b, 1)
+
+
+def test_under_torchrun_rank_0_chooses_the_budget_step_count_for_every_rank(tiny_config):
+    """Ranks that trained different step counts would hang in a collective or stop apart; with rank 0's
+    count broadcast the run ends at that count, once, on both ranks."""
+    out = out_dir(tiny_config, "ddp_budget")
+    r = torchrun(tiny_config, "--train.time_budget=25s", "--train.eval_every=50", f"--train.out_dir={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("time budget 25s:") == 1
+    steps = int(r.stdout.split(" steps (saved as train.steps")[0].rsplit("so ", 1)[1])
+    ckpt = torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)
+    assert ckpt["step"] == steps == ckpt["config"]["train"]["steps"] > 6
+    assert logged(out, "log.csv", "step")[-1] == steps
