@@ -45,8 +45,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+import editing
 from configuration import DEVICE_HELP, ConfigError, pick_device, str2bool, with_flags
 from fileio import atomic_write, load_guide, load_model
+from linear_noise_scheduler import timestep_list
 from mnist import MNIST
 from mnist import to_float as mnist_to_float
 from mnist_downloader import DownloadError, ensure_mnist_present
@@ -428,6 +430,113 @@ def evaluate_images(images, data_root="data/mnist", *, seed=0, device="cpu", cla
 
 
 # ----------------------------------------------------------------------------
+# Inpainting read back, and the DDIM round trip (editing.py)
+# ----------------------------------------------------------------------------
+
+def nearest_fill(images, keep, train_x, chunk=2000):
+    """Baseline: fill each image's hole with the pixels of the training image nearest on the known
+    pixels (L2). images (N, C, H, W), keep (C, H, W), train_x (M, C, H, W)."""
+    k = keep.flatten() > 0.5
+    q = images.flatten(1)[:, k].double()
+    best_d, best_i = torch.full((len(q),), math.inf, dtype=torch.float64), torch.zeros(len(q), dtype=torch.long)
+    for start in range(0, len(train_x), chunk):
+        r = train_x[start:start + chunk].flatten(1)[:, k].double()
+        d = (q.pow(2).sum(1, keepdim=True) - 2 * q @ r.T + r.pow(2).sum(1)[None])
+        m, i = d.min(1)
+        better = m < best_d
+        best_d[better], best_i[better] = m[better], i[better] + start
+    return torch.where(keep.expand_as(images) > 0.5, images, train_x[best_i])
+
+
+def measure_editing(ckpt, data_root, num_images=300, mask="bottom", seed=0, settings=((25, 1, 1), (25, 5, 3)),
+            baselines=True, round_trip_steps=(20, 50, 200), round_trip_images=64, round_trip_autoguidance=None,
+            completions=1, device="cpu", log=print):
+    """Inpainting read back by the classifier on the first num_images MNIST test images,
+    beside nearest-neighbour and noise fills (baselines), for RePaint with each (steps, jumps, resample)
+    of settings; then the DDIM round-trip error at each of round_trip_steps on the first
+    round_trip_images test images, with each of round_trip_autoguidance (default: 1 and the checkpoint's
+    sample.autoguidance). Uses the checkpoint's
+    sample section (sampler, eta, guidance, autoguidance); a conditional model gets no label (the
+    null class), so that the digit is read from the known half alone. With completions > 1 each image
+    gets that many, and the rows add the share of images whose most frequent reading is right.
+    Returns a dict of results."""
+    model, scheduler, cfg = load_model(ckpt, device)
+    s = cfg["sample"]
+    guide = load_guide(ckpt, s["autoguidance"], device)
+    d = partition(data_root, "test")
+    clf, acc = get_classifier(os.path.join(data_root, CLASSIFIER_FILE), d["fit_x"], d["fit_y"],
+                                       d["val_x"], d["val_y"], device=device, log=log, **TRAIN)
+    test = MNIST(data_root, "test")
+    images, labels = mnist_to_float(test.images[:num_images, None]), test.labels[:num_images]
+    keep = editing.make_mask(mask, model.image_size, model.in_channels, seed)
+    hole = keep.expand_as(images) < 0.5
+
+    def read_back(x, per_image=1):
+        pred = classifier_outputs(clf, x, device)[1].argmax(1).reshape(-1, per_image)
+        return (pred == labels[:, None]).float().mean().item(), (pred.mode(1).values == labels).float().mean().item()
+
+    def hole_error(x, per_image=1):
+        err = (x.reshape(-1, per_image, *x.shape[1:]) - images[:, None]).abs()
+        return err[hole[:, None].expand_as(err)].mean().item()
+
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)).clamp(-1, 1)
+    res = {"classifier_val_acc": acc, "num_images": num_images, "mask": mask, "rows": {}}
+    fills = {"original (upper bound)": images, "hole left black (background)":
+             torch.where(hole, torch.full_like(images, -1.0), images),
+             "noise fill": torch.where(hole, noise, images),
+             "nearest training image on the known half": nearest_fill(images, keep, d["train_x"])}
+    for name, x in fills.items() if baselines else ():
+        res["rows"][name] = {"read_back": read_back(x)[0], "hole_abs_err": hole_error(x), "seconds": 0.0}
+        log(f"{name}: read back {res['rows'][name]['read_back']:.3f}")
+    y = None
+    for steps, jumps, resample in settings:
+        t0 = time.time()
+        out = editing.inpaint(model, scheduler, images, keep, completions=completions, seed=seed, sampler=s["sampler"],
+                      steps=steps, eta=s["eta"], jumps=jumps, resample=resample, labels=y, guidance=s["guidance"],
+                      guide=guide, autoguidance=s["autoguidance"], batch_size=s["batch_size"], device=device)
+        known = ~hole[:, None].expand_as(out)
+        assert torch.equal(out[known], images[:, None].expand_as(out)[known]), "known pixels changed"
+        out = out.flatten(0, 1)
+        each, majority = read_back(out, completions)
+        name = f"RePaint, {s['sampler']} {steps} steps" + (f", jumps {jumps}, resample {resample}"
+                                                            if resample > 1 else ", no resampling")
+        res["rows"][name] = {"read_back": each, "hole_abs_err": hole_error(out, completions),
+                             "seconds": time.time() - t0, "network_steps": editing.network_steps(steps, jumps, resample)}
+        if completions > 1:
+            res["rows"][name]["majority"] = majority
+        log(f"{name}: read back {res['rows'][name]['read_back']:.3f} ({res['rows'][name]['seconds']:.0f} s)")
+    res["round_trip"] = {}
+    x = images[:round_trip_images].to(device)
+    for n in round_trip_steps:
+        for w in round_trip_autoguidance or sorted({1.0, s["autoguidance"]}):
+            g = guide if w != 1.0 else None
+            t0 = time.time()
+            ts = timestep_list(scheduler.num_timesteps, n)
+            dec = editing.ddim_decode(model, scheduler, editing.ddim_encode(model, scheduler, x, ts, y, s["guidance"], g, w), ts, y,
+                              s["guidance"], g, w).cpu()
+            mean, worst = editing.round_trip_error(x.cpu(), dec)
+            res["round_trip"][f"{n} steps, autoguidance {w:g}"] = {"mean_abs": mean, "max_abs": worst,
+                                                                   "seconds": time.time() - t0}
+            log(f"round trip {n} steps, autoguidance {w:g}: mean {mean:.4f} max {worst:.4f} "
+                f"({time.time() - t0:.0f} s)")
+    return res
+
+
+def print_editing(res):
+    """measure_editing's result as two markdown tables."""
+    print(f"\n{res['num_images']} MNIST test images, mask {res['mask']} (classifier held-out accuracy "
+          f"{res['classifier_val_acc']:.4f})\n\n| fill | read back as the true digit | mean abs error in the hole "
+          f"| time |\n|---|---|---|---|")
+    for name, r in res["rows"].items():
+        when = f"{r['seconds']:.0f} s, {r['network_steps']} steps" if r["seconds"] else ""
+        vote = f" (majority vote: {r['majority']:.3f})" if "majority" in r else ""
+        print(f"| {name} | {r['read_back']:.3f}{vote} | {r['hole_abs_err']:.3f} | {when} |")
+    print("\n| DDIM encode + decode | mean abs pixel error | max | time |\n|---|---|---|---|")
+    for name, r in res["round_trip"].items():
+        print(f"| {name} | {r['mean_abs']:.4f} | {r['max_abs']:.4f} | {r['seconds']:.0f} s |")
+
+
+# ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
 
@@ -568,7 +677,20 @@ def parse_args(argv=None):
     nll.add_argument("--nll_unconditional", action="store_true",
                      help="conditional checkpoints: the bound of the no-label branch (by default each image is "
                           "given its true label)")
+    ed = parser.add_argument_group(
+        "inpainting read back (editing.py)",
+        "--inpaint_eval N fills the --mask region of the first N test images with RePaint for each --repaint "
+        "setting and reports how often the classifier reads back the true digit, beside nearest-training-image, "
+        "noise and black fills, then the DDIM encode-decode error at --round_trip_steps (64 images).")
+    ed.add_argument("--inpaint_eval", type=int, metavar="N", help="test images to inpaint and read back")
+    ed.add_argument("--mask", default="bottom", help="top, bottom, left, right, center or random[:P] (default: %(default)s)")
+    ed.add_argument("--repaint", default="25:1:1,25:5:3", metavar="STEPS:J:R,...",
+                    help="RePaint runs as steps:jumps:resample (resample 1 = none) (default: %(default)s)")
+    ed.add_argument("--completions", type=int, default=1, help="completions per image; > 1 adds a majority vote")
+    ed.add_argument("--round_trip_steps", default="20,50,200", help="DDIM steps of the round trips (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.inpaint_eval and not args.ckpt:
+        parser.error("--inpaint_eval needs --ckpt")
     if args.nll and not args.ckpt:
         parser.error("--nll needs --ckpt (the bound is a property of a model, not of a folder of images)")
     if args.nll and args.nll_images < 2:
@@ -603,6 +725,13 @@ def run(args):
         out_path = os.path.join(args.images, f"eval_{len(images)}.json")
 
     ensure_mnist_present(args.data, verify=args.verify_data)  # before sampling: a missing dataset fails fast
+
+    if args.inpaint_eval:  # an inpainting and round-trip measurement instead of sample metrics
+        print_editing(measure_editing(
+            args.ckpt, args.data, args.inpaint_eval, args.mask, args.seed, completions=args.completions,
+            settings=[tuple(int(v) for v in run.split(":")) for run in args.repaint.split(",") if run],
+            round_trip_steps=[int(v) for v in args.round_trip_steps.split(",") if v], device=args.device))
+        return
 
     if args.nll:  # a likelihood run instead of sample metrics: the bound and its files, next to the checkpoint
         from likelihood import checkpoint_bound

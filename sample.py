@@ -17,6 +17,7 @@ import os
 
 import torch
 
+import editing
 from configuration import DEVICE_HELP, load_config, merge, pick_device, run_cli, str2bool, with_flags
 from fileio import load_guide, load_model, make_grid, save_image
 from linear_noise_scheduler import timestep_list
@@ -65,6 +66,23 @@ def parse_args(argv):
     p.add_argument("--out", help="grid PNG (default: <out_dir>/samples_<sampler>_<steps>.png)")
     p.add_argument("--save_images", metavar="DIR", help="also write one 28x28 PNG per sample into DIR")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    e = p.add_argument_group("editing (editing.py): one of --inpaint, --encode, --interpolate, --every_digit")
+    e.add_argument("--inpaint", action="store_true", help="RePaint: fill the --mask region of --images")
+    e.add_argument("--encode", action="store_true", help="DDIM inversion of --images to x_T, decoded back "
+                                                         "(ddim, eta 0); prints the round-trip error")
+    e.add_argument("--interpolate", metavar="I,J", help="slerp between the DDIM encodings of two test digits "
+                                                        "(indices or PNGs), decoded along a row")
+    e.add_argument("--every_digit", action="store_true", help="conditional models: rows of one noise drawn as "
+                                                              "every digit (from the encodings of --images if given)")
+    e.add_argument("--images", help="MNIST test indices and/or 28x28 PNG paths, comma-separated (default: 0,1,2,3)")
+    e.add_argument("--data", help="MNIST folder for --images indices (default: data.root of --config)")
+    e.add_argument("--mask", help="region to fill: top, bottom, left, right, center, random[:P], or a PNG "
+                                  "(white = keep, black = fill) (default: bottom)")
+    e.add_argument("--completions", type=int, help="completions per image (default: 4)")
+    e.add_argument("--jumps", type=int, help="RePaint's j: go back up j steps at a time (default: 1)")
+    e.add_argument("--resample", type=int, help="RePaint's r: traverse every stretch r times, r > 1 needs "
+                                                "--sampler ddpm (default: 1, no resampling)")
+    e.add_argument("--frames", type=int, help="--interpolate: points along the slerp (default: 8)")
     return p.parse_args(argv)
 
 
@@ -82,6 +100,8 @@ def main(argv=None):
     trained = merge(trained, {"sample": cfg["sample"]}, origin=args.config)
     s = with_flags(trained, "sample", {k: getattr(args, k) for k in cfg["sample"] if hasattr(args, k)})["sample"]
     steps = s["steps"] or scheduler.num_timesteps
+    if editing.requested(args):  # --inpaint, --encode, --interpolate, --every_digit: editing.py
+        return editing.run(args, model, scheduler, s, steps, guide, device, ckpt_path, cfg["data"]["root"])
     labels, nrow = None, None
     if args.digit is not None:  # generate() refuses it for an unconditional model
         labels = torch.full((s["num_samples"],), args.digit)
