@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from configuration import DEVICE_HELP, load_config, parse_duration, pick_device, run_cli, split_overrides
 from fileio import build
 from linear_noise_scheduler import diffusion_loss
-from train_util import StepRunner
+from train_util import StepRunner, evaluations, steps_that_fit
 
 
 def sync(device):
@@ -114,9 +114,8 @@ def training_time(cfg, train_img_per_s, sample_img_per_s):
     evals_per_image = (s["steps"] or T) * (2 if s["autoguidance"] != 1.0 or s["guidance"] != 1.0 else 1)
     eval_s = 64 * evals_per_image / sample_img_per_s
     budget = parse_duration(t["time_budget"])
-    steps = int(budget / (step_s + eval_s / t["eval_every"])) if budget else t["steps"]
-    evals = steps // t["eval_every"] + (steps % t["eval_every"] != 0)
-    return {"config_train_steps": steps, "config_train_s": steps * step_s + evals * eval_s}
+    steps = steps_that_fit(budget, step_s, eval_s, t["eval_every"]) if budget else t["steps"]
+    return {"config_train_steps": steps, "config_train_s": steps * step_s + evaluations(steps, t["eval_every"]) * eval_s}
 
 
 def main(argv=None):

@@ -224,6 +224,25 @@ def time_step_and_evaluation(run, images, labels, shard, warmup=5, measure=25):
     return step_s, eval_s
 
 
+def evaluations(steps, eval_every):
+    """How many evaluations a run of `steps` makes: every eval_every steps, and one at the end."""
+    return steps // eval_every + (steps % eval_every != 0)
+
+
+def steps_that_fit(seconds, step_s, eval_s, eval_every, safety=0.98):
+    """The largest step count whose steps and evaluations take at most `safety` of `seconds` (2 % to
+    spare for what the timed steps leave out: the loop's logging and syncs). The cost grows with the
+    count, so a bisection finds it."""
+    def cost(steps):
+        return steps * step_s + evaluations(steps, eval_every) * eval_s
+
+    low, high = 0, max(1, int(seconds / step_s)) + 1  # cost(low) fits; cost(high) does not
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if cost(mid) <= safety * seconds else (low, mid)
+    return low
+
+
 def steps_for_budget(run, images, labels, shard, started):
     """The largest step count whose steps and evaluations fit in what is left of train.time_budget
     (counted from `started`, train.py's start), as rank 0 measures it; every rank uses rank 0's count."""
@@ -231,10 +250,7 @@ def steps_for_budget(run, images, labels, shard, started):
     budget = parse_duration(t_cfg["time_budget"])
     step_s, eval_s = time_step_and_evaluation(run, images, labels, shard)
     left = budget - (time.monotonic() - started)
-    steps = max(0, int(left / step_s))
-    for _ in range(3):  # the evaluations depend on the count: N // eval_every of them, and one at the end
-        evals = steps // t_cfg["eval_every"] + (steps % t_cfg["eval_every"] != 0)
-        steps = max(0, int(BUDGET_SAFETY * (left - evals * eval_s) / step_s))
+    steps = steps_that_fit(left, step_s, eval_s, t_cfg["eval_every"])
     if dist.is_initialized():
         count = torch.tensor([steps], device=run.device)
         dist.broadcast(count, 0)
@@ -247,9 +263,6 @@ def steps_for_budget(run, images, labels, shard, started):
         print(f"time budget {t_cfg['time_budget']}: {step_s:.3f} s per step and {eval_s:.1f} s per evaluation "
               f"here, so {steps} steps (saved as train.steps; --train.steps={steps} repeats this run)")
     return steps
-
-
-BUDGET_SAFETY = 0.98  # the loop's logging and syncs cost a little more than the timed steps
 
 
 # ----------------------------------------------------------------------------

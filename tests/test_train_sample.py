@@ -237,3 +237,14 @@ def test_time_budget_fixes_the_step_count_and_that_count_repeats_the_run(tiny_co
 def test_a_budget_too_small_to_calibrate_is_a_clear_error(tiny_config):
     with pytest.raises(ConfigError, match=r"train.time_budget=0.5s is too small.*ask for more time, or set train.steps"):
         train.main(["--config", tiny_config, "--train.time_budget=0.5s"])
+
+
+@pytest.mark.parametrize("seconds, step_s, eval_s, eval_every", [(577.0, 0.213, 3.5, 700), (60, 0.05, 0.3, 3),
+                                                                 (1, 0.5, 3, 700), (25, 0.1, 20.0, 50)])
+def test_the_budget_step_count_is_the_largest_that_fits(seconds, step_s, eval_s, eval_every):
+    def cost(n):  # n steps, an evaluation every eval_every of them and one at the end
+        return n * step_s + (n // eval_every + (n % eval_every != 0)) * eval_s
+
+    n = train_util.steps_that_fit(seconds, step_s, eval_s, eval_every)
+    assert cost(n) <= 0.98 * seconds
+    assert all(cost(m) > 0.98 * seconds for m in range(n + 1, n + 2 * eval_every + 2))
