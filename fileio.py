@@ -14,17 +14,10 @@ from PIL import Image
 from configuration import DEFAULTS, ConfigError, guide_step, merge
 from linear_noise_scheduler import LinearNoiseScheduler
 from mnist import to_uint8
+from mnist_downloader import fsync_dir
 from unet import UNet
 
 CHECKPOINT_KEYS = {"model", "ema", "optimizer", "step", "config"}
-
-
-def _fsync_dir(folder):
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path, write):
@@ -38,7 +31,7 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

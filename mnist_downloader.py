@@ -134,14 +134,15 @@ def _fetch(mirror, name, sha256, size, dest, progress):
         if digest != sha256:
             raise _BadFile("sha256 mismatch")
         os.replace(tmp, dest)
-        _fsync_dir(os.path.dirname(os.path.abspath(dest)))
+        fsync_dir(os.path.dirname(os.path.abspath(dest)))
     finally:
         # After a failure (or Ctrl-C) only the temp file exists; remove it.
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def _fsync_dir(folder):
+def fsync_dir(folder):
+    """Flush a folder's entries (a rename in it) to disk."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -327,3 +327,12 @@ def test_label_accuracy_for_conditional_samples(tiny):
     for d in range(10):
         assert r["per_digit_accuracy"][d] == pytest.approx((read == asked)[asked == d].float().mean().item())
     assert r["label_accuracy"] < E.score(x, model, real_feats, kid_subsets=2, labels=y)["label_accuracy"]
+
+
+def test_a_broken_png_is_a_one_line_error(tmp_path):
+    for i in range(4):
+        Image.new("L", (28, 28)).save(tmp_path / f"{i}.png")
+    (tmp_path / "4.png").write_bytes((tmp_path / "0.png").read_bytes()[:40])  # cut off mid-file
+    with pytest.raises(SystemExit) as exc:
+        E.main(["--images", str(tmp_path), "--data", str(tmp_path / "data")])
+    assert "4.png is not a readable PNG" in str(exc.value.code) and "\n" not in str(exc.value.code)

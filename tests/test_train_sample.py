@@ -248,3 +248,31 @@ def test_the_budget_step_count_is_the_largest_that_fits(seconds, step_s, eval_s,
     n = train_util.steps_that_fit(seconds, step_s, eval_s, eval_every)
     assert cost(n) <= 0.98 * seconds
     assert all(cost(m) > 0.98 * seconds for m in range(n + 1, n + 2 * eval_every + 2))
+
+
+def test_damaged_or_foreign_checkpoints_are_one_line_errors_that_name_a_good_one(tiny_config, tmp_path):
+    train.main(["--config", tiny_config, "--train.steps=3", "--val", "True"])
+    out = run_dir(tiny_config)
+    last = os.path.join(out, "last.pt")
+    good = open(last, "rb").read()
+    cases = {"truncated": good[: len(good) // 2], "not a checkpoint": b"just some bytes\n" * 100}
+    for name, data in cases.items():
+        open(last, "wb").write(data)
+        for call in (lambda: sample.main(["--config", tiny_config]),
+                     lambda: train.main(["--config", tiny_config, "--resume"])):
+            with pytest.raises(ConfigError, match=r"last.pt is damaged or not a checkpoint.*best.pt"):
+                call()
+    # a pickle that would run code on loading is refused, not run
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    torch.save({"model": Payload(), "ema": {}, "optimizer": {}, "step": 1, "config": {}}, last, pickle_module=pickle)
+    with pytest.raises(ConfigError, match="holds pickled code or objects, which are never loaded"):
+        sample.main(["--config", tiny_config])
+    assert not (tmp_path / "pwned").exists()
+    torch.save({"weights": torch.zeros(2)}, last)  # a tensor file, but not this project's checkpoint
+    with pytest.raises(ConfigError, match="is not a checkpoint of this project"):
+        sample.main(["--config", tiny_config])
