@@ -28,12 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from configuration import DEVICE_HELP, load_config, parse_duration, pick_device, run_cli, split_overrides
 from fileio import build
 from linear_noise_scheduler import diffusion_loss
-from train_util import StepRunner, evaluations, steps_that_fit
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from train_util import StepRunner, evaluations, steps_that_fit, sync
 
 
 def timed(fn, device, min_seconds, warmup=2):

@@ -393,7 +393,7 @@ def partition(data_root, split):
     pool = len(train_x) * 2 // 11  # 10,000 of 55,000
     ref, other = (test, val) if split == "test" else (val, test)
     return {"train_x": train_x, "fit_x": train_x[:-pool], "fit_y": train.labels[:-pool], "pool_x": train_x[-pool:],
-            "val_x": to_float(val.images), "val_y": val.labels, "ref_x": to_float(ref.images),
+            "val_x": to_float(val.images), "val_y": val.labels, "ref_x": to_float(ref.images), "ref_y": ref.labels,
             "other_x": to_float(other.images)}
 
 
@@ -466,8 +466,7 @@ def measure_editing(ckpt, data_root, num_images=300, mask="bottom", seed=0, sett
     d = partition(data_root, "test")
     clf, acc = get_classifier(os.path.join(data_root, CLASSIFIER_FILE), d["fit_x"], d["fit_y"],
                                        d["val_x"], d["val_y"], device=device, log=log, **TRAIN)
-    test = MNIST(data_root, "test")
-    images, labels = mnist_to_float(test.images[:num_images, None]), test.labels[:num_images]
+    images, labels = d["ref_x"][:num_images], d["ref_y"][:num_images]  # the first test images
     keep = editing.make_mask(mask, model.image_size, model.in_channels, seed)
     hole = keep.expand_as(images) < 0.5
 

@@ -180,7 +180,8 @@ class StepRunner:
 # A wall-clock budget
 # ----------------------------------------------------------------------------
 
-def _sync(device):
+def sync(device):
+    """Wait for the device's queued work (CUDA), so that timings are real."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -200,10 +201,10 @@ def time_step_and_evaluation(run, images, labels, shard, warmup=5, measure=25):
     y = labels[:n] if trial.model.num_classes else None
     for i in range(warmup + measure):
         if i == warmup:
-            _sync(device)
+            sync(device)
             tic = time.perf_counter()
         trial(x0, t, noise, y, cfg["train"]["lr"], 0.99)
-    _sync(device)
+    sync(device)
     step_s, tic = (time.perf_counter() - tic) / measure, time.perf_counter()
     # One evaluation as the run makes them: validation loss, the preview grid (with the guide, the
     # dearer case), a checkpoint. Written to temporary files, then removed.
@@ -216,7 +217,7 @@ def time_step_and_evaluation(run, images, labels, shard, warmup=5, measure=25):
                             (os.path.join(run.out_dir, "calibration.tmp.pt"), lambda p: timed_run.save(p, 0, 0.0, guide))]:
             write(path)
             os.remove(path)
-    _sync(device)
+    sync(device)
     eval_s = time.perf_counter() - tic
     torch.set_rng_state(rng[0])
     if rng[1] is not None:
