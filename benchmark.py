@@ -11,7 +11,10 @@ Measures, on random data shaped like MNIST (the numbers do not depend on the dat
     matmuls and convolutions, the bulk of the work);
   - the machine's fp32 matmul throughput (2048 x 2048), and the share of it training reaches;
   - peak memory (CUDA: max allocated; CPU: the process's peak resident set);
-  - how long the config's training would take here (with a time budget: how many steps it buys).
+  - how long the config's training would take here (with a time budget: how many steps it buys);
+  - where a training step's time goes (torch.profiler, self time per op): convolutions (forward and
+    backward, with the rate they reach), normalisation, activations, attention, optimizer with
+    clipping and EMA, and the rest (residual adds, concatenations, copies, the loss).
 """
 
 import argparse
@@ -23,6 +26,7 @@ import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from configuration import DEVICE_HELP, load_config, parse_duration, pick_device, run_cli, split_overrides
@@ -74,6 +78,7 @@ def benchmark(cfg, device, min_seconds=5.0, batch_size=None):
         diffusion_loss(model, scheduler, x0, steps, torch.randn_like(x0), y=y)[1].backward()
     model.zero_grad(set_to_none=True)
     train_flops = counter.get_total_flops() / bs
+    conv_flops = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "convolution" in str(op))
     with FlopCounterMode(display=False) as counter:
         forward()
     fwd_flops = counter.get_total_flops() / sample_bs
@@ -84,6 +89,7 @@ def benchmark(cfg, device, min_seconds=5.0, batch_size=None):
     sample_s = timed(forward, device, min_seconds)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    parts = step_breakdown(train_step, device)
     peak_gflops = matmul_gflops(device, min_seconds / 2)
     achieved = train_flops * bs / train_s / 1e9
     return {
@@ -97,7 +103,48 @@ def benchmark(cfg, device, min_seconds=5.0, batch_size=None):
         "train_gflop_per_s": achieved, "matmul_fp32_gflop_per_s": peak_gflops,
         "share_of_matmul_peak": achieved / peak_gflops, "peak_memory_mb": peak / 2**20,
         **training_time(cfg, bs / train_s, sample_bs / sample_s),
+        "step_breakdown_s": parts, "conv_gflop_per_s": conv_flops / parts["convolutions"] / 1e9,
     }
+
+
+# Op-name fragments (any case) of each part of a step; an op inside the optimizer's step (or a foreach
+# op, the clipping's norm) counts as optimizer. Checked in this order; what matches none is "other".
+PARTS = [("convolutions", ("conv",)),
+         ("normalisation", ("group_norm", "groupnorm", "layer_norm", "layernorm", "batch_norm", "batchnorm")),
+         ("activations", ("silu", "gelu", "relu", "sigmoid")),
+         ("attention", ("scaled_dot_product", "bmm", "softmax")),
+         ("optimizer, clipping, EMA", ("Optimizer.", "foreach", "vector_norm", "clip_grad"))]
+OTHER = "other (adds, concatenation, copies, loss)"
+
+
+def part_of(event):
+    """The PARTS name of a profiler event: by its own name, or by the optimizer step it runs in."""
+    names, e = [event.name], event.cpu_parent
+    while e is not None:
+        names.append(e.name)
+        e = e.cpu_parent
+    if any(n.startswith("Optimizer.") for n in names):
+        return PARTS[-1][0]
+    name = event.name.lower()  # autograd nodes too: ConvolutionBackward0, NativeGroupNormBackward0
+    return next((part for part, keys in PARTS if any(k.lower() in name for k in keys)), OTHER)
+
+
+def step_breakdown(step, device, steps=10):
+    """{part: seconds per step} of `step`, from the profiler's self time of every op (CPU time on a
+    CPU, kernel time on a GPU); the parts add up to the profiled total."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    parts = dict.fromkeys([p for p, _ in PARTS] + [OTHER], 0.0)
+    for e in prof.events():
+        us = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
+        if us > 0:
+            parts[part_of(e)] += us / 1e6 / steps
+    return parts
 
 
 def training_time(cfg, train_img_per_s, sample_img_per_s):
@@ -141,6 +188,12 @@ def main(argv=None):
             ("this config's training here" + (f" (time budget {cfg['train']['time_budget']})"
                                               if parse_duration(cfg["train"]["time_budget"]) else ""),
              f"{r['config_train_steps']} steps in about {r['config_train_s'] / 60:.1f} min")]
+    total = sum(r["step_breakdown_s"].values())
+    rows.append(("where a training step's time goes (profiled)", f"{1000 * total:.1f} ms per step"))
+    for part, s in r["step_breakdown_s"].items():
+        rate = (f"; {r['conv_gflop_per_s']:.0f} GFLOP/s, {100 * r['conv_gflop_per_s'] / r['matmul_fp32_gflop_per_s']:.0f} %"
+                f" of matmul" if part == "convolutions" else "")
+        rows.append((f"  {part}", f"{1000 * s:5.1f} ms  {100 * s / total:3.0f} %{rate}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")

@@ -2,6 +2,9 @@
 
 import json
 
+import torch
+from torch.profiler import ProfilerActivity, profile
+
 import benchmark
 
 
@@ -23,3 +26,42 @@ def test_benchmark_says_what_the_configs_training_takes(tiny_config):
     assert r["config_train_s"] > 6 * step_s  # the steps, and the two evaluations on top
     budget = benchmark.main(["--config", tiny_config, "--seconds", "0.05", "--train.time_budget=60"])
     assert 0 < budget["config_train_s"] <= 60 and budget["config_train_steps"] > 6
+
+
+def test_the_step_breakdown_puts_each_op_in_its_part():
+    # A step with one op of each part, profiled; every event lands where its name says.
+    torch.manual_seed(0)
+    conv, norm = torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.GroupNorm(2, 4)
+    opt = torch.optim.AdamW([*conv.parameters(), *norm.parameters()], lr=1e-3)
+    x = torch.randn(2, 2, 6, 6)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        h = torch.nn.functional.silu(norm(conv(x)))
+        loss = (h.flatten(1).softmax(-1) + h.flatten(1)).sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(conv.parameters(), 1.0)
+        opt.step()
+    expected = {"aten::convolution": "convolutions", "aten::convolution_backward": "convolutions",
+                "aten::native_group_norm": "normalisation", "aten::native_group_norm_backward": "normalisation",
+                "aten::silu": "activations", "aten::silu_backward": "activations",
+                "aten::_softmax": "attention", "ConvolutionBackward0": "convolutions",
+                "NativeGroupNormBackward0": "normalisation", "aten::_foreach_norm": "optimizer, clipping, EMA"}
+    seen = {}
+    for e in prof.events():
+        seen.setdefault(e.name, set()).add(benchmark.part_of(e))
+    for name, part in expected.items():
+        assert seen[name] == {part}, name
+    # the AdamW step's own arithmetic (adds, multiplies) is optimizer; the loss's add is "other"
+    in_step = [e for e in prof.events() if e.cpu_parent is not None and e.cpu_parent.name.startswith("Optimizer.")]
+    assert in_step and {benchmark.part_of(e) for e in in_step} == {"optimizer, clipping, EMA"}
+    assert benchmark.OTHER in seen["aten::add"]
+
+
+def test_benchmark_breaks_a_step_into_parts(tiny_config):
+    r = benchmark.main(["--config", tiny_config, "--seconds", "0.05"])
+    parts = r["step_breakdown_s"]
+    assert list(parts) == [p for p, _ in benchmark.PARTS] + [benchmark.OTHER]
+    assert all(s >= 0 for s in parts.values())
+    # the tiny UNet has convolutions, GroupNorm, SiLU and an optimizer: each part takes some time
+    for part in ["convolutions", "normalisation", "activations", "optimizer, clipping, EMA"]:
+        assert parts[part] > 0, part
+    assert r["conv_gflop_per_s"] > 0
