@@ -65,7 +65,7 @@ SCHEMA = {
         "num_threads": (0, "torch CPU threads (0 = torch's default)"),
         "amp": ("off", "autocast: off, bf16 or fp16 (fp16 with a gradient scaler)"),
         "compile": (False, "torch.compile the network for training"),
-        "channels_last": (False, "NHWC memory format (helps convolutions under AMP on GPUs)"),
+        "channels_last": (False, "NHWC memory format: the convolutions skip a layout copy each way (CPU, and GPUs under AMP)"),
     },
     "sample": {
         "sampler": ("ddpm", "ddpm (ancestral), ddim or dpm++ (DPM-Solver++(2M))"),
