@@ -113,18 +113,17 @@ PARTS = [("convolutions", ("conv",)),
          ("normalisation", ("group_norm", "groupnorm", "layer_norm", "layernorm", "batch_norm", "batchnorm")),
          ("activations", ("silu", "gelu", "relu", "sigmoid")),
          ("attention", ("scaled_dot_product", "bmm", "softmax")),
-         ("optimizer, clipping, EMA", ("Optimizer.", "foreach", "vector_norm", "clip_grad"))]
+         ("optimizer, clipping, EMA", ("foreach", "vector_norm", "clip_grad"))]
 OTHER = "other (adds, concatenation, copies, loss)"
 
 
 def part_of(event):
     """The PARTS name of a profiler event: by its own name, or by the optimizer step it runs in."""
-    names, e = [event.name], event.cpu_parent
+    e = event
     while e is not None:
-        names.append(e.name)
+        if e.name.startswith("Optimizer."):
+            return PARTS[-1][0]
         e = e.cpu_parent
-    if any(n.startswith("Optimizer.") for n in names):
-        return PARTS[-1][0]
     name = event.name.lower()  # autograd nodes too: ConvolutionBackward0, NativeGroupNormBackward0
     return next((part for part, keys in PARTS if any(k.lower() in name for k in keys)), OTHER)
 
