@@ -232,9 +232,9 @@ def evaluations(steps, eval_every):
 
 def steps_that_fit(seconds, step_s, eval_s, eval_every, safety=0.9):
     """The largest step count whose steps and evaluations take at most `safety` of `seconds`. The 10 %
-    spare is for what a short calibration cannot see: on shared 2-core machines the sustained speed
-    of a ten-minute run was measured 12-14 % below that of its first timed steps (docs/results.md),
-    and the loop also logs and syncs. The cost grows with the count, so a bisection finds it."""
+    spare is for what a short calibration cannot see: on shared 2-core machines the steps of a
+    ten-minute run were measured 4-15 % slower than the calibration's (docs/results.md), and the
+    loop also logs and syncs. The cost grows with the count, so a bisection finds it."""
     def cost(steps):
         return steps * step_s + evaluations(steps, eval_every) * eval_s
 
