@@ -59,6 +59,7 @@ SCHEMA = {
         "stratified_timesteps": (False, "one timestep per 1/batch quantile band of that distribution (VDM)"),
         "cond_drop_prob": (0.1, "conditional models: share of labels replaced by 'no label'"),
         "guide_fraction": (0.0, "> 0: keep the EMA at this share of the steps as the autoguidance guide"),
+        "guide_min_step": (0, "the guide's step is at least this, or half the run if shorter (0 = the fraction only)"),
         "eval_every": (500, "period of checkpoint, sample grid and (with --val) validation loss"),
         "val_samples": (2000, "images of the validation split (the last 5,000 of MNIST train) in the validation loss"),
         "log_every": (25, "period of the log.csv rows"),
@@ -86,7 +87,8 @@ CHOICES = {("train", "lr_schedule"): ["constant", "cosine"], ("train", "loss_wei
 POSITIVE = {("train", k) for k in ["steps", "batch_size", "lr", "eval_every", "log_every", "val_samples",
                                    "min_snr_gamma", "logit_normal_std"]} | {
     ("diffusion", "num_timesteps"), ("diffusion", "beta_start"), ("sample", "num_samples"), ("sample", "batch_size")}
-NON_NEGATIVE = {("train", k) for k in ["warmup_steps", "weight_decay", "grad_clip", "num_threads"]} | {
+NON_NEGATIVE = {("train", k) for k in ["warmup_steps", "weight_decay", "grad_clip", "num_threads",
+                                       "guide_min_step"]} | {
     ("sample", k) for k in ["steps", "eta", "guidance", "autoguidance"]}
 UNIT_INTERVAL = {"adam_beta2": "[0, 1)", "ema_decay": "[0, 1)", "guide_fraction": "[0, 1) (0 = no guide)",
                  "cond_drop_prob": "[0, 1]", "min_lr_ratio": "[0, 1]"}
@@ -247,8 +249,16 @@ def parse_duration(text):
 
 
 def guide_step(t_cfg):
-    """The step whose EMA weights training keeps as the autoguidance guide (None without one)."""
-    return max(1, round(t_cfg["guide_fraction"] * t_cfg["steps"])) if t_cfg["guide_fraction"] else None
+    """The step whose EMA weights training keeps as the autoguidance guide (None without one):
+    guide_fraction of the steps, but not before guide_min_step, or half the run if that is shorter.
+    A short run's fraction step is too early to help: its EMA has barely learnt digits, and steering
+    away from it does little (docs/results.md, quality against training steps)."""
+    if not t_cfg["guide_fraction"]:
+        return None
+    step = round(t_cfg["guide_fraction"] * t_cfg["steps"])
+    if t_cfg["guide_min_step"]:
+        step = max(step, min(t_cfg["guide_min_step"], t_cfg["steps"] // 2))
+    return max(1, step)
 
 
 def split_overrides(argv):

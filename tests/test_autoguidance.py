@@ -37,9 +37,18 @@ def keep_checkpoints(monkeypatch, tmp_path, steps):
 
 
 def test_guide_step_follows_the_fraction():
-    assert guide_step({"guide_fraction": 0.0, "steps": 3900}) is None
-    assert guide_step({"guide_fraction": 0.23, "steps": 3900}) == 897
-    assert guide_step({"guide_fraction": 0.01, "steps": 10}) == 1  # never step 0 (the untrained net)
+    assert guide_step({"guide_fraction": 0.0, "guide_min_step": 0, "steps": 3900}) is None
+    assert guide_step({"guide_fraction": 0.23, "guide_min_step": 0, "steps": 3900}) == 897
+    assert guide_step({"guide_fraction": 0.01, "guide_min_step": 0, "steps": 10}) == 1  # never step 0 (the untrained net)
+
+
+@pytest.mark.parametrize("steps, expected", [(3900, 897),  # 23 % is past the minimum: the fraction rules
+                                             (1000, 400),  # 23 % (230) is too early: the minimum
+                                             (689, 344),  # the minimum is past half the run: half
+                                             (10, 5)])
+def test_a_short_runs_guide_is_taken_later(steps, expected):
+    assert guide_step({"guide_fraction": 0.23, "guide_min_step": 400, "steps": steps}) == expected
+    assert guide_step({"guide_fraction": 0.0, "guide_min_step": 400, "steps": steps}) is None  # no guide asked
 
 
 def test_guide_is_the_ema_of_its_step_and_is_kept(tiny_config, tmp_path, monkeypatch):
