@@ -53,7 +53,7 @@ def matmul_gflops(device, min_seconds):
     return 2 * 2048**3 / timed(lambda: a @ b, device, min_seconds) / 1e9
 
 
-def benchmark(cfg, device, min_seconds=5.0, batch_size=None):
+def benchmark(cfg, device, min_seconds=5.0, batch_size=None, profile_steps=10):
     t = cfg["train"]
     bs = batch_size or t["batch_size"]
     model, scheduler = build(cfg, device)
@@ -89,7 +89,7 @@ def benchmark(cfg, device, min_seconds=5.0, batch_size=None):
     sample_s = timed(forward, device, min_seconds)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    parts = step_breakdown(train_step, device)
+    parts = step_breakdown(train_step, device, profile_steps)
     peak_gflops = matmul_gflops(device, min_seconds / 2)
     achieved = train_flops * bs / train_s / 1e9
     return {
@@ -165,12 +165,13 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--seconds", type=float, default=5.0, help="minimum timing per measurement")
     p.add_argument("--json", help="also write the numbers here (default: print only)")
+    p.add_argument("--profile_steps", type=int, default=10, help="training steps profiled for the breakdown")
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(rest)
     cfg = load_config(args.config, overrides)
     if cfg["train"]["num_threads"]:
         torch.set_num_threads(cfg["train"]["num_threads"])
-    r = benchmark(cfg, pick_device(args.device), args.seconds)
+    r = benchmark(cfg, pick_device(args.device), args.seconds, profile_steps=args.profile_steps)
     r["config"] = args.config
     print(f"{args.config} on {r['device']} ({r['gpu'] or r['cpu']}, {r['threads']} threads, torch {r['torch']}; "
           f"amp {r['amp']}, compile {r['compile']}, channels_last {r['channels_last']})")

@@ -7,10 +7,14 @@ from torch.profiler import ProfilerActivity, profile
 
 import benchmark
 
+# Short timings, a small sampling batch and two profiled steps: each call then takes a few seconds
+# (about 15 s with the defaults, most of it the batch-256 sampling and parsing ten steps' profile).
+QUICK = ["--seconds", "0.05", "--sample.batch_size=16", "--profile_steps", "2"]
+
 
 def test_benchmark_reports_consistent_numbers(tiny_config, tmp_path):
     out = tmp_path / "bench.json"
-    r = benchmark.main(["--config", tiny_config, "--seconds", "0.05", "--json", str(out)])
+    r = benchmark.main(["--config", tiny_config, *QUICK, "--json", str(out)])
     assert json.loads(out.read_text())["train_img_per_s"] == r["train_img_per_s"]
     assert r["train_img_per_s"] > 0 and r["sample_img_per_s_per_eval"] > 0
     # a training step costs about three forward passes (forward + backward of inputs and weights)
@@ -28,11 +32,11 @@ def test_benchmark_reports_consistent_numbers(tiny_config, tmp_path):
 
 
 def test_benchmark_says_what_the_configs_training_takes(tiny_config):
-    r = benchmark.main(["--config", tiny_config, "--seconds", "0.05"])
+    r = benchmark.main(["--config", tiny_config, *QUICK])
     assert r["config_train_steps"] == 6  # the tiny config's steps
     step_s = 16 / r["train_img_per_s"]
     assert r["config_train_s"] > 6 * step_s  # the steps, and the two evaluations on top
-    budget = benchmark.main(["--config", tiny_config, "--seconds", "0.05", "--train.time_budget=60"])
+    budget = benchmark.main(["--config", tiny_config, *QUICK, "--train.time_budget=60"])
     assert 0 < budget["config_train_s"] <= 60 and budget["config_train_steps"] > 6
 
 
