@@ -255,10 +255,8 @@ def guide_step(t_cfg):
     away from it does little (docs/results.md, quality against training steps)."""
     if not t_cfg["guide_fraction"]:
         return None
-    step = round(t_cfg["guide_fraction"] * t_cfg["steps"])
-    if t_cfg["guide_min_step"]:
-        step = max(step, min(t_cfg["guide_min_step"], t_cfg["steps"] // 2))
-    return max(1, step)
+    later = min(t_cfg["guide_min_step"], t_cfg["steps"] // 2)  # 0 with no minimum: the fraction rules
+    return max(1, round(t_cfg["guide_fraction"] * t_cfg["steps"]), later)
 
 
 def split_overrides(argv):
