@@ -7,11 +7,13 @@
 Inception features mean little on 28x28 digits, so every feature-based metric
 here lives in the 128-d penultimate layer of a small CNN trained on the first 45,000
 MNIST training images. It is trained once (1.5 minutes on 2 idle CPU cores) and cached as
-<data>/classifier_45k.pt. Metrics, each for the samples and for real data:
+<data>/classifier_45k.pt. Metrics (their maths, with the papers, is in metrics.py), each for the
+samples and for real data:
 
     fid              Frechet distance between Gaussians fitted to the features
-    kid              unbiased MMD^2, cubic polynomial kernel (Binkowski et al. 2018),
-                     on features divided by the RMS of the real ones
+    kid, kid_se      unbiased MMD^2, cubic polynomial kernel (Binkowski et al. 2018), over the
+                     full sets, on features divided by the RMS of the real ones; kid_se is its
+                     jackknife standard error
     precision        share of samples inside the manifold of real digits, and
     recall           share of real digits inside the manifold of the samples
                      (k = 3 nearest neighbours, Kynkaanniemi et al. 2019)
@@ -49,6 +51,8 @@ import editing
 from configuration import DEVICE_HELP, ConfigError, pick_device, str2bool, with_flags
 from fileio import atomic_write, load_guide, load_model
 from linear_noise_scheduler import timestep_list
+from metrics import (CONFIDENT, class_histogram, confidence_stats, fid, kid, nearest_train_distance,
+                     normalized_entropy, precision_recall)
 from mnist import MNIST
 from mnist import to_float as mnist_to_float
 from mnist_downloader import DownloadError, ensure_mnist_present
@@ -56,11 +60,10 @@ from samplers import SAMPLERS, generate
 
 CLASSIFIER_FILE = "classifier_45k.pt"  # trained on the first 45,000 training images only (see partition)
 FLOOR_CACHE_FILE = "eval_floor_cache.json"
-FLOOR_VERSION = 2  # part of the floor cache key: bump it when a metric or the floor's images change
+FLOOR_VERSION = 3  # part of the floor cache key: bump it when a metric or the floor's images change
 ARCH = {"c1": 32, "c2": 64, "hidden": 128}  # changing it invalidates the cache
 TRAIN = {"epochs": 3, "batch_size": 64, "lr": 2e-3, "seed": 0}
 FEATURE_BATCH = 1000  # classifier forward passes only, memory is not a concern
-CONFIDENT = 0.9
 
 
 def to_float(images_uint8):
@@ -185,140 +188,10 @@ def get_classifier(path, train_x, train_y, test_x, test_y, *, arch=ARCH, device=
 
 
 # ----------------------------------------------------------------------------
-# Metrics: pure functions of feature (or pixel) tensors
-# ----------------------------------------------------------------------------
-
-def _mean_cov(feats):
-    x = torch.as_tensor(feats, dtype=torch.float64)
-    if x.ndim != 2 or len(x) < 2:
-        raise ValueError(f"need an (N, D) feature matrix with N >= 2, got shape {tuple(x.shape)}")
-    mu = x.mean(0)
-    xc = x - mu
-    return mu, xc.T @ xc / (len(x) - 1)
-
-
-def _sqrtm_psd(s):
-    """Square root of a symmetric positive semi-definite matrix via its eigenvectors."""
-    w, v = torch.linalg.eigh(s)
-    return (v * w.clamp(min=0).sqrt()) @ v.T  # round-off can make tiny eigenvalues negative
-
-
-def fid(feats1, feats2):
-    """|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1^1/2 S2 S1^1/2), in float64.
-
-    S1^1/2 S2 S1^1/2 is symmetric PSD with the eigenvalues of S1 S2, so its
-    trace root is the sum of the roots of its eigenvalues: no general sqrtm.
-    """
-    mu1, s1 = _mean_cov(feats1)
-    mu2, s2 = _mean_cov(feats2)
-    r1 = _sqrtm_psd(s1)
-    m = r1 @ s2 @ r1
-    eig = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0)
-    d = (mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * eig.sqrt().sum()
-    return max(d.item(), 0.0)  # a distance; only round-off makes it negative
-
-
-def kid(feats1, feats2, num_subsets=100, subset_size=1000, seed=0):
-    """Kernel Inception Distance: (mean, std) over random subsets of the unbiased
-    MMD^2 estimate with kernel k(x, y) = (x.y / d + 1)^3."""
-    x = torch.as_tensor(feats1, dtype=torch.float64)
-    y = torch.as_tensor(feats2, dtype=torch.float64)
-    m = min(subset_size, len(x), len(y))
-    if m < 2:
-        raise ValueError("KID needs at least 2 samples in each set")
-    d = x.shape[1]
-    gen = torch.Generator().manual_seed(seed)
-    values = []
-    for _ in range(num_subsets):
-        a = x[torch.randperm(len(x), generator=gen)[:m]]
-        b = y[torch.randperm(len(y), generator=gen)[:m]]
-        kxx, kyy, kxy = [(p @ q.T / d + 1) ** 3 for p, q in ((a, a), (b, b), (a, b))]
-        # unbiased: leave out k(x_i, x_i), the diagonal of the within-set kernels
-        within = (kxx.sum() - kxx.trace() + kyy.sum() - kyy.trace()) / (m * (m - 1))
-        values.append(within - 2 * kxy.mean())
-    values = torch.stack(values)
-    return values.mean().item(), values.std(correction=0).item()
-
-
-def knn_radii(x, k=3, chunk=1000):
-    """Distance from each row of x to its k-th nearest other row."""
-    radii = torch.empty(len(x), dtype=x.dtype)
-    for i in range(0, len(x), chunk):
-        d = torch.cdist(x[i:i + chunk], x)
-        radii[i:i + chunk] = d.topk(k + 1, dim=1, largest=False).values[:, k]  # [:, 0] is itself
-    return radii
-
-
-def manifold_coverage(query, ref, ref_radii, chunk=1000):
-    """Share of query rows within ref_radii[j] of some ref row j."""
-    inside = torch.empty(len(query), dtype=torch.bool)
-    for i in range(0, len(query), chunk):
-        d = torch.cdist(query[i:i + chunk], ref)
-        inside[i:i + chunk] = (d <= ref_radii[None, :]).any(1)
-    return inside.double().mean().item()
-
-
-def precision_recall(real_feats, fake_feats, k=3, chunk=1000):
-    """Improved precision and recall (Kynkaanniemi et al. 2019), each in [0, 1].
-
-    Every set is a union of balls, one per point, of radius its k-NN distance.
-    Precision: share of fakes inside the real union (are samples realistic?).
-    Recall: share of reals inside the fake union (is the data covered?).
-    Distances come in chunks of `chunk` rows, so 10k x 10k needs ~80 MB.
-    """
-    real = torch.as_tensor(real_feats, dtype=torch.float64)
-    fake = torch.as_tensor(fake_feats, dtype=torch.float64)
-    if len(real) <= k or len(fake) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} points per set")
-    precision = manifold_coverage(fake, real, knn_radii(real, k, chunk), chunk)
-    recall = manifold_coverage(real, fake, knn_radii(fake, k, chunk), chunk)
-    return precision, recall
-
-
-def confidence_stats(probs, threshold=CONFIDENT):
-    """(mean max-softmax, share of samples whose max-softmax > threshold)."""
-    conf = probs.max(1).values.double()
-    return conf.mean().item(), (conf > threshold).double().mean().item()
-
-
-def class_histogram(labels, num_classes=10):
-    """Share of samples per class, float64, sums to 1."""
-    return torch.bincount(labels, minlength=num_classes).double() / len(labels)
-
-
-def normalized_entropy(hist):
-    """Entropy of a histogram divided by log(#classes): 1 uniform, 0 one class."""
-    p = hist[hist > 0]
-    h = -(p * p.log()).sum() / math.log(len(hist))
-    return abs(h.item())  # h >= 0; abs turns the -0.0 of a single class into 0.0
-
-
-@torch.no_grad()
-def nearest_train_distance(samples, train_images, chunk=500, device="cpu"):
-    """Pixel-space L2 distance from each sample to its nearest training image.
-
-    The nearest image is found with a float32 matmul (|a-b|^2 = |a|^2 + |b|^2
-    - 2 a.b, the fast path torch.cdist also takes), then its distance is
-    recomputed exactly, so a copied training image gives exactly 0.
-    10k samples x 60k train images take about 6 s on 2 CPU cores.
-    """
-    a = samples.reshape(len(samples), -1).float().to(device)
-    b = train_images.reshape(len(train_images), -1).float().to(device)
-    b2 = b.square().sum(1)
-    out = torch.empty(len(a))
-    for i in range(0, len(a), chunk):
-        q = a[i:i + chunk]
-        nearest = (b2[None, :] - 2 * q @ b.T).argmin(1)  # |q|^2 is the same along a row
-        out[i:i + chunk] = (q - b[nearest]).norm(dim=1).cpu()
-    return out
-
-
-# ----------------------------------------------------------------------------
 # Scoring a set of images
 # ----------------------------------------------------------------------------
 
-def score(images, classifier, real_feats, train_images=None, *, seed=0, device="cpu",
-          kid_subsets=100, kid_subset_size=1000, labels=None):
+def score(images, classifier, real_feats, train_images=None, *, device="cpu", labels=None):
     """All metrics of images (N, 1, 28, 28) in [-1, 1] against real_feats (the
     classifier features of the real test set). Returns a dict of plain floats.
 
@@ -333,11 +206,11 @@ def score(images, classifier, real_feats, train_images=None, *, seed=0, device="
     # sparse ReLUs with x.x/d ~ 30, which make KID noisy. Divide both sets by
     # one number fixed by the real set, the RMS of its features.
     rms = real_feats.double().square().mean().sqrt()
-    kid_mean, kid_std = kid(feats / rms, real_feats / rms, kid_subsets, kid_subset_size, seed)
+    kid_value, kid_se = kid(feats / rms, real_feats / rms)
     precision, recall = precision_recall(real_feats, feats)
     mean_conf, frac_conf = confidence_stats(probs)
     hist = class_histogram(probs.argmax(1))
-    result = {"n": len(images), "fid": fid(feats, real_feats), "kid": kid_mean, "kid_std": kid_std,
+    result = {"n": len(images), "fid": fid(feats, real_feats), "kid": kid_value, "kid_se": kid_se,
               "precision": precision, "recall": recall,
               "mean_confidence": mean_conf, "frac_confident": frac_conf,
               "class_entropy": normalized_entropy(hist), "class_hist": hist.tolist()}
@@ -352,12 +225,12 @@ def score(images, classifier, real_feats, train_images=None, *, seed=0, device="
     return result
 
 
-def real_floor(classifier, pool_x, ref_feats, held_out_x, train_x, n, *, seed=0, device="cpu", **score_kw):
+def real_floor(classifier, pool_x, ref_feats, held_out_x, train_x, n, *, seed=0, device="cpu"):
     """score() of n random digits of pool_x (real images the classifier never saw, as it never saw
     the samples), with nearest_train_l2 from n held-out digits (which the DDPM never saw)."""
     gen = torch.Generator().manual_seed(seed)
     subset = torch.randperm(len(pool_x), generator=gen)[:n]
-    floor = score(pool_x[subset], classifier, ref_feats, seed=seed, device=device, **score_kw)
+    floor = score(pool_x[subset], classifier, ref_feats, device=device)
     held_out = torch.randperm(len(held_out_x), generator=gen)[:n]
     floor["nearest_train_l2"] = nearest_train_distance(held_out_x[held_out], train_x,
                                                        device=device).mean().item()
@@ -398,7 +271,7 @@ def partition(data_root, split):
 
 
 def evaluate_images(images, data_root="data/mnist", *, seed=0, device="cpu", classifier=None,
-                    log=print, labels=None, split="test", **score_kw):
+                    log=print, labels=None, split="test"):
     """Score generated images (N, 1, 28, 28) in [-1, 1] against the `split` images, and the real
     floor for N (see partition()).
 
@@ -416,15 +289,14 @@ def evaluate_images(images, data_root="data/mnist", *, seed=0, device="cpu", cla
     ref_feats, _ = classifier_outputs(model, d["ref_x"], device)
     timings["data_and_classifier"], t0 = time.time() - t0, time.time()
 
-    samples = score(images, model, ref_feats, d["train_x"], seed=seed, device=device, labels=labels, **score_kw)
+    samples = score(images, model, ref_feats, d["train_x"], device=device, labels=labels)
     timings["samples"], t0 = time.time() - t0, time.time()
 
     n = min(len(images), len(d["pool_x"]))
-    key = " ".join([f"v{FLOOR_VERSION} split={split} n={n} seed={seed} acc={acc:.6f}"]
-                   + [f"{k}={v}" for k, v in sorted(score_kw.items())])
+    key = f"v{FLOOR_VERSION} split={split} n={n} seed={seed} acc={acc:.6f}"
     floor = cached_floor(os.path.join(data_root, FLOOR_CACHE_FILE), key,
                          lambda: real_floor(model, d["pool_x"], ref_feats, d["other_x"], d["train_x"], n, seed=seed,
-                                            device=device, **score_kw), log)
+                                            device=device), log)
     timings["floor"] = time.time() - t0
     return {"samples": samples, "floor": floor, "classifier_val_acc": acc, "split": split, "timings_s": timings}
 
@@ -448,24 +320,65 @@ def nearest_fill(images, keep, train_x, chunk=2000):
     return torch.where(keep.expand_as(images) > 0.5, images, train_x[best_i])
 
 
+def baseline_fills(images, keep, train_x, seed=0):
+    """The fills RePaint is measured against, by name: the original (what a perfect fill reads back
+    as), the hole left black (MNIST's background), Gaussian noise clipped to [-1, 1], and nearest_fill."""
+    hole = keep.expand_as(images) < 0.5
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)).clamp(-1, 1)
+    return {"original (upper bound)": images,
+            "hole left black (background)": torch.where(hole, torch.full_like(images, -1.0), images),
+            "noise fill": torch.where(hole, noise, images),
+            "nearest training image on the known half": nearest_fill(images, keep, train_x)}
+
+
+def check_known_pixels_kept(completions, images, hole):
+    """completions (N, K, C, H, W) must hold images' known pixels exactly: a fill that changed them
+    would be read back with help from pixels it was not asked to make."""
+    known = ~hole[:, None].expand_as(completions)
+    if not torch.equal(completions[known], images[:, None].expand_as(completions)[known]):
+        raise RuntimeError("editing.inpaint changed known pixels of the images, so its read back would not measure "
+                           "the fill; this is a bug in editing.py (RePaint must return the known region exactly), "
+                           "and no numbers are reported")
+
+
+def round_trips(model, scheduler, s, guide, x, steps_list, autoguidance_list=None, device="cpu", log=print):
+    """DDIM encode then decode of x at each number of steps and autoguidance weight (default: 1 and
+    the sample section's), unconditionally: {name: {"mean_abs", "max_abs", "seconds"}}."""
+    out, x = {}, x.to(device)
+    for n in steps_list:
+        for w in autoguidance_list or sorted({1.0, s["autoguidance"]}):
+            g = guide if w != 1.0 else None
+            t0 = time.time()
+            ts = timestep_list(scheduler.num_timesteps, n)
+            x_T = editing.ddim_encode(model, scheduler, x, ts, None, s["guidance"], g, w)
+            dec = editing.ddim_decode(model, scheduler, x_T, ts, None, s["guidance"], g, w).cpu()
+            mean, worst = editing.round_trip_error(x.cpu(), dec)
+            out[f"{n} steps, autoguidance {w:g}"] = {"mean_abs": mean, "max_abs": worst, "seconds": time.time() - t0}
+            log(f"round trip {n} steps, autoguidance {w:g}: mean {mean:.4f} max {worst:.4f} "
+                f"({time.time() - t0:.0f} s)")
+    return out
+
+
 def measure_editing(ckpt, data_root, num_images=300, mask="bottom", seed=0, settings=((25, 1, 1), (25, 5, 3)),
-            baselines=True, round_trip_steps=(20, 50, 200), round_trip_images=64, round_trip_autoguidance=None,
-            completions=1, device="cpu", log=print):
-    """Inpainting read back by the classifier on the first num_images MNIST test images,
-    beside nearest-neighbour and noise fills (baselines), for RePaint with each (steps, jumps, resample)
-    of settings; then the DDIM round-trip error at each of round_trip_steps on the first
-    round_trip_images test images, with each of round_trip_autoguidance (default: 1 and the checkpoint's
-    sample.autoguidance). Uses the checkpoint's
-    sample section (sampler, eta, guidance, autoguidance); a conditional model gets no label (the
-    null class), so that the digit is read from the known half alone. With completions > 1 each image
-    gets that many, and the rows add the share of images whose most frequent reading is right.
-    Returns a dict of results."""
+                    baselines=True, round_trip_steps=(20, 50, 200), round_trip_images=64,
+                    round_trip_autoguidance=None, completions=1, device="cpu", log=print):
+    """How often the classifier reads back the true digit of the first num_images MNIST test images
+    once the mask's hole is filled: by the baseline_fills (if baselines) and by RePaint with each
+    (steps, jumps, resample) of settings; then the round_trips of the first round_trip_images at each
+    of round_trip_steps and round_trip_autoguidance (default: 1 and the checkpoint's).
+
+    Sampling follows the checkpoint's sample section (sampler, eta, guidance, autoguidance); a
+    conditional model gets no label (the null class), so that the digit is read from the known part
+    alone. With completions > 1 each image gets that many, and the RePaint rows add the share of
+    images whose most frequent reading is right. Returns {"classifier_val_acc", "num_images", "mask",
+    "rows": {name: {"read_back", "hole_abs_err", "seconds"[, "network_steps", "majority"]}},
+    "round_trip": round_trips(...)}."""
     model, scheduler, cfg = load_model(ckpt, device)
     s = cfg["sample"]
     guide = load_guide(ckpt, s["autoguidance"], device)
     d = partition(data_root, "test")
     clf, acc = get_classifier(os.path.join(data_root, CLASSIFIER_FILE), d["fit_x"], d["fit_y"],
-                                       d["val_x"], d["val_y"], device=device, log=log, **TRAIN)
+                              d["val_x"], d["val_y"], device=device, log=log, **TRAIN)
     images, labels = d["ref_x"][:num_images], d["ref_y"][:num_images]  # the first test images
     keep = editing.make_mask(mask, model.image_size, model.in_channels, seed)
     hole = keep.expand_as(images) < 0.5
@@ -478,23 +391,17 @@ def measure_editing(ckpt, data_root, num_images=300, mask="bottom", seed=0, sett
         err = (x.reshape(-1, per_image, *x.shape[1:]) - images[:, None]).abs()
         return err[hole[:, None].expand_as(err)].mean().item()
 
-    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)).clamp(-1, 1)
-    res = {"classifier_val_acc": acc, "num_images": num_images, "mask": mask, "rows": {}}
-    fills = {"original (upper bound)": images, "hole left black (background)":
-             torch.where(hole, torch.full_like(images, -1.0), images),
-             "noise fill": torch.where(hole, noise, images),
-             "nearest training image on the known half": nearest_fill(images, keep, d["train_x"])}
-    for name, x in fills.items() if baselines else ():
+    res = {"classifier_val_acc": acc, "num_images": len(images), "mask": mask, "rows": {}}
+    for name, x in baseline_fills(images, keep, d["train_x"], seed).items() if baselines else ():
         res["rows"][name] = {"read_back": read_back(x)[0], "hole_abs_err": hole_error(x), "seconds": 0.0}
         log(f"{name}: read back {res['rows'][name]['read_back']:.3f}")
-    y = None
     for steps, jumps, resample in settings:
         t0 = time.time()
         out = editing.inpaint(model, scheduler, images, keep, completions=completions, seed=seed, sampler=s["sampler"],
-                      steps=steps, eta=s["eta"], jumps=jumps, resample=resample, labels=y, guidance=s["guidance"],
-                      guide=guide, autoguidance=s["autoguidance"], batch_size=s["batch_size"], device=device)
-        known = ~hole[:, None].expand_as(out)
-        assert torch.equal(out[known], images[:, None].expand_as(out)[known]), "known pixels changed"
+                              steps=steps, eta=s["eta"], jumps=jumps, resample=resample, labels=None,
+                              guidance=s["guidance"], guide=guide, autoguidance=s["autoguidance"],
+                              batch_size=s["batch_size"], device=device)
+        check_known_pixels_kept(out, images, hole)
         out = out.flatten(0, 1)
         each, majority = read_back(out, completions)
         name = f"RePaint, {s['sampler']} {steps} steps" + (f", jumps {jumps}, resample {resample}"
@@ -504,20 +411,8 @@ def measure_editing(ckpt, data_root, num_images=300, mask="bottom", seed=0, sett
         if completions > 1:
             res["rows"][name]["majority"] = majority
         log(f"{name}: read back {res['rows'][name]['read_back']:.3f} ({res['rows'][name]['seconds']:.0f} s)")
-    res["round_trip"] = {}
-    x = images[:round_trip_images].to(device)
-    for n in round_trip_steps:
-        for w in round_trip_autoguidance or sorted({1.0, s["autoguidance"]}):
-            g = guide if w != 1.0 else None
-            t0 = time.time()
-            ts = timestep_list(scheduler.num_timesteps, n)
-            dec = editing.ddim_decode(model, scheduler, editing.ddim_encode(model, scheduler, x, ts, y, s["guidance"], g, w), ts, y,
-                              s["guidance"], g, w).cpu()
-            mean, worst = editing.round_trip_error(x.cpu(), dec)
-            res["round_trip"][f"{n} steps, autoguidance {w:g}"] = {"mean_abs": mean, "max_abs": worst,
-                                                                   "seconds": time.time() - t0}
-            log(f"round trip {n} steps, autoguidance {w:g}: mean {mean:.4f} max {worst:.4f} "
-                f"({time.time() - t0:.0f} s)")
+    res["round_trip"] = round_trips(model, scheduler, s, guide, images[:round_trip_images], round_trip_steps,
+                                    round_trip_autoguidance, device, log)
     return res
 
 
@@ -539,8 +434,8 @@ def print_editing(res):
 # Command line
 # ----------------------------------------------------------------------------
 
-ROWS = [("FID (lower is better)", "fid"), ("KID", "kid"), ("precision", "precision"),
-        ("recall", "recall"), ("mean confidence", "mean_confidence"),
+ROWS = [("FID (lower is better)", "fid"), ("KID", "kid"), ("KID standard error", "kid_se"),
+        ("precision", "precision"), ("recall", "recall"), ("mean confidence", "mean_confidence"),
         (f"confidence > {CONFIDENT}", "frac_confident"), ("class entropy / log 10", "class_entropy"),
         ("nearest train L2 (pixels)", "nearest_train_l2")]
 
@@ -642,7 +537,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=256,
                         help="sampling batch size (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seed for sampling, KID subsets and the real subset (default: %(default)s)")
+                        help="seed for sampling and the real subset (default: %(default)s)")
     parser.add_argument("--split", default="test", choices=["test", "val"],
                         help="real images to compare with: test for final numbers, val for tuning "
                              "(default: %(default)s)")

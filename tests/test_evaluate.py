@@ -1,4 +1,5 @@
-"""Invariants of evaluate.py on tiny synthetic data: blob "digits" and a tiny classifier."""
+"""Invariants of evaluate.py (and of the metrics it reports) on tiny synthetic data: blob "digits" and a
+tiny classifier; the inpainting read back on conftest's synthetic MNIST files with an untrained tiny DDPM."""
 
 import json
 import math
@@ -11,7 +12,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import editing
 import evaluate as E
+import metrics as M
+from configuration import DEFAULTS, merge
+from conftest import TINY as TINY_DDPM
+from fileio import build, save_checkpoint
+from mnist import MNIST
 
 TINY = {"c1": 4, "c2": 8, "hidden": 16}
 
@@ -53,8 +60,8 @@ def test_fid_self_zero_and_symmetric():
     a = torch.randn(500, 16, generator=gen) @ torch.randn(16, 16, generator=gen)
     b = torch.randn(400, 16, generator=gen) * 2 + 1
     scale = torch.cov(a.T.double()).trace().item()
-    assert E.fid(a, a) < 1e-6 * scale
-    assert E.fid(a, b) == pytest.approx(E.fid(b, a), rel=1e-8)
+    assert M.fid(a, a) < 1e-6 * scale
+    assert M.fid(a, b) == pytest.approx(M.fid(b, a), rel=1e-8)
 
 
 def test_fid_matches_closed_form_1d():
@@ -63,7 +70,7 @@ def test_fid_matches_closed_form_1d():
     b = torch.randn(200, 1, generator=gen, dtype=torch.float64) * 0.5 - 1
     m1, m2, s1, s2 = a.mean(), b.mean(), a.var(), b.var()  # var is unbiased, like np.cov
     expected = (m1 - m2) ** 2 + s1 + s2 - 2 * torch.sqrt(s1 * s2)
-    assert E.fid(a, b) == pytest.approx(expected.item(), rel=1e-10)
+    assert M.fid(a, b) == pytest.approx(expected.item(), rel=1e-10)
 
 
 def gaussian_with_exact_stats(n, mean, var, seed):
@@ -80,17 +87,17 @@ def test_fid_matches_closed_form_diagonal():
     a = gaussian_with_exact_stats(200, m1, v1, seed=2)
     b = gaussian_with_exact_stats(300, m2, v2, seed=3)
     expected = ((m1 - m2) ** 2 + v1 + v2 - 2 * torch.sqrt(v1 * v2)).sum().item()
-    assert E.fid(a, b) == pytest.approx(expected, rel=1e-9)
+    assert M.fid(a, b) == pytest.approx(expected, rel=1e-9)
     # a rotation applied to both sets keeps the distance (the trace term is not diagonal any more)
     rot, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
-    assert E.fid(a @ rot, b @ rot) == pytest.approx(expected, rel=1e-9)
+    assert M.fid(a @ rot, b @ rot) == pytest.approx(expected, rel=1e-9)
 
 
 def test_fid_grows_with_feature_noise():
     gen = torch.Generator().manual_seed(5)
     a = torch.randn(1000, 8, generator=gen)
     noise = torch.randn(1000, 8, generator=gen)
-    fids = [E.fid(a, a + s * noise) for s in (0.0, 0.3, 1.0, 3.0)]
+    fids = [M.fid(a, a + s * noise) for s in (0.0, 0.3, 1.0, 3.0)]
     assert fids == sorted(fids) and fids[0] < fids[1]
 
 
@@ -99,10 +106,10 @@ def test_fid_grows_with_image_noise_and_blur(tiny):
     real, _ = blob_digits(500, seed=10)
     fake, _ = blob_digits(500, seed=11)
     ref = feats_of(model, real)
-    noisy = [E.fid(ref, feats_of(model, (fake + s * torch.randn_like(fake)).clamp(-1, 1)))
+    noisy = [M.fid(ref, feats_of(model, (fake + s * torch.randn_like(fake)).clamp(-1, 1)))
              for s in (0.0, 0.3, 0.7, 1.5)]
     assert noisy == sorted(noisy), noisy
-    blurred = [E.fid(ref, feats_of(model, F.avg_pool2d(fake, k, 1, k // 2, count_include_pad=False)))
+    blurred = [M.fid(ref, feats_of(model, F.avg_pool2d(fake, k, 1, k // 2, count_include_pad=False)))
                for k in (1, 3, 7, 13)]
     assert blurred == sorted(blurred), blurred
 
@@ -112,8 +119,8 @@ def test_fid_grows_with_image_noise_and_blur(tiny):
 def test_kid_near_zero_for_same_set_and_larger_when_shifted():
     gen = torch.Generator().manual_seed(6)
     a = torch.randn(2000, 16, generator=gen)
-    same, _ = E.kid(a, a.clone(), num_subsets=20, subset_size=500)
-    shifted, std = E.kid(a, a + 0.5, num_subsets=20, subset_size=500)
+    same, _ = M.kid_over_subsets(a, a.clone(), num_subsets=20, subset_size=500)
+    shifted, std = M.kid_over_subsets(a, a + 0.5, num_subsets=20, subset_size=500)
     assert std >= 0
     assert abs(same) < 0.05 * shifted
 
@@ -123,7 +130,7 @@ def test_kid_is_unbiased_for_two_independent_samples_of_one_distribution():
     (the biased estimator) adds about 2 (E k(x, x) - E k(x, y)) / m, here ~0.1 at m = 100."""
     gen = torch.Generator().manual_seed(7)
     a, b = torch.randn(3000, 16, generator=gen), torch.randn(3000, 16, generator=gen)
-    mean, std = E.kid(a, b, num_subsets=200, subset_size=100)
+    mean, std = M.kid_over_subsets(a, b, num_subsets=200, subset_size=100)
     assert abs(mean) < 4 * std / math.sqrt(200)  # within four standard errors of 0
     assert abs(mean) < 0.02
 
@@ -141,9 +148,9 @@ def test_precision_recall_tell_a_half_covering_generator_from_a_noisy_one():
     centres = 3 * torch.stack([angles.cos(), angles.sin()], 1)
     real = clusters(centres, 200, seed=0)
     half = clusters(centres[:5], 200, seed=1)
-    precision, recall = E.precision_recall(real, half)
+    precision, recall = M.precision_recall(real, half)
     assert precision > 0.95 and abs(recall - 0.5) < 0.05
-    swapped = E.precision_recall(half, real)
+    swapped = M.precision_recall(half, real)
     assert abs(swapped[0] - 0.5) < 0.05 and swapped[1] > 0.95
 
 
@@ -151,7 +158,7 @@ def test_knn_radius_is_the_distance_to_the_kth_other_point():
     """Points 0, 1, ..., 9 on a line: the 3rd nearest other point of an interior point is 2 away
     (1, 1, 2), of an end point 3 away."""
     line = torch.arange(10, dtype=torch.float64)[:, None]
-    radii = E.knn_radii(line, k=3)
+    radii = M.knn_radii(line, k=3)
     assert radii[0] == radii[-1] == 3 and radii[1] == radii[-2] == 2
     assert torch.all(radii[2:-2] == 2)
 
@@ -161,9 +168,9 @@ def test_precision_recall():
     real = torch.randn(300, 8, generator=gen)
     near = real + 0.3 * torch.randn(300, 8, generator=gen)
     far = real + 20.0
-    assert E.precision_recall(real, real.clone(), chunk=64) == (1.0, 1.0)
-    p_near, r_near = E.precision_recall(real, near, chunk=64)
-    p_far, r_far = E.precision_recall(real, far, chunk=64)
+    assert M.precision_recall(real, real.clone(), chunk=64) == (1.0, 1.0)
+    p_near, r_near = M.precision_recall(real, near, chunk=64)
+    p_far, r_far = M.precision_recall(real, far, chunk=64)
     for v in (p_near, r_near, p_far, r_far):
         assert 0.0 <= v <= 1.0
     assert p_far == 0.0 and p_far < p_near
@@ -172,22 +179,22 @@ def test_precision_recall():
 def test_precision_recall_chunking_does_not_matter():
     gen = torch.Generator().manual_seed(8)
     real, fake = torch.randn(200, 4, generator=gen), torch.randn(150, 4, generator=gen) + 0.5
-    assert E.precision_recall(real, fake, chunk=7) == E.precision_recall(real, fake, chunk=1000)
+    assert M.precision_recall(real, fake, chunk=7) == M.precision_recall(real, fake, chunk=1000)
 
 
 # --- class statistics, memorisation -----------------------------------------
 
 def test_class_entropy():
-    uniform = E.class_histogram(torch.arange(100) % 10)
+    uniform = M.class_histogram(torch.arange(100) % 10)
     assert uniform.sum().item() == pytest.approx(1.0)
-    assert E.normalized_entropy(uniform) == pytest.approx(1.0, abs=1e-12)
-    single = E.normalized_entropy(E.class_histogram(torch.full((50,), 3)))
+    assert M.normalized_entropy(uniform) == pytest.approx(1.0, abs=1e-12)
+    single = M.normalized_entropy(M.class_histogram(torch.full((50,), 3)))
     assert single == 0.0 and math.copysign(1, single) == 1  # not -0.0 in the table
 
 
 def test_confidence_stats():
     probs = torch.tensor([[0.95, 0.05], [0.5, 0.5], [0.2, 0.8], [0.0, 1.0]])
-    mean, frac = E.confidence_stats(probs)
+    mean, frac = M.confidence_stats(probs)
     assert mean == pytest.approx((0.95 + 0.5 + 0.8 + 1.0) / 4)
     assert frac == 0.5
 
@@ -195,9 +202,9 @@ def test_confidence_stats():
 def test_nearest_train_distance():
     train, _ = blob_digits(300, seed=12)
     copies = train[torch.tensor([0, 17, 299, 17])]
-    assert torch.equal(E.nearest_train_distance(copies, train, chunk=3), torch.zeros(4))
+    assert torch.equal(M.nearest_train_distance(copies, train, chunk=3), torch.zeros(4))
     other, _ = blob_digits(20, seed=13)
-    d = E.nearest_train_distance(other, train)
+    d = M.nearest_train_distance(other, train)
     brute = torch.cdist(other.flatten(1).double(), train.flatten(1).double()).min(1).values
     assert torch.allclose(d.double(), brute, atol=1e-3)
 
@@ -269,7 +276,7 @@ def test_evaluate_images_end_to_end(tiny, tmp_path, monkeypatch):
     model, acc, _ = tiny
     train_x = fake_mnist(tmp_path, tiny)
     samples = train_x[:60]  # pure copies of training digits
-    kw = dict(classifier=(model, acc), kid_subsets=3, log=quiet)
+    kw = dict(classifier=(model, acc), log=quiet)
     result = E.evaluate_images(samples, str(tmp_path), **kw)
     s, floor = result["samples"], result["floor"]
     assert s["nearest_train_l2"] == 0.0 and floor["nearest_train_l2"] > 0
@@ -282,6 +289,18 @@ def test_evaluate_images_end_to_end(tiny, tmp_path, monkeypatch):
     # the floor now comes from the cache: computing it again would fail
     monkeypatch.setattr(E, "real_floor", lambda *a, **k: pytest.fail("floor not cached"))
     assert E.evaluate_images(samples, str(tmp_path), **kw)["floor"] == floor
+
+
+def test_score_reports_kid_over_the_full_sets_with_its_standard_error(tiny):
+    model, _, (x, _, tx, _) = tiny
+    real_feats = feats_of(model, tx)
+    r = E.score(x, model, real_feats)
+    rms = real_feats.double().square().mean().sqrt()
+    assert (r["kid"], r["kid_se"]) == M.kid(feats_of(model, x) / rms, real_feats / rms)
+    assert r["kid_se"] > 0
+    row = dict(r, nearest_train_l2=0.0)
+    table = E.format_table({"samples": row, "floor": row, "split": "test", "classifier_val_acc": 1.0})
+    assert f"KID standard error{r['kid_se']:>22.4g}" in table
 
 
 # --- command line ------------------------------------------------------------
@@ -321,12 +340,12 @@ def test_label_accuracy_for_conditional_samples(tiny):
     real_feats = feats_of(model, tx)
     asked = y.clone()
     asked[:100] = (asked[:100] + 1) % 10  # the first 100 were "asked" for the wrong digit
-    r = E.score(x, model, real_feats, kid_subsets=2, labels=asked)
+    r = E.score(x, model, real_feats, labels=asked)
     read = E.classifier_outputs(model, x)[1].argmax(1)
     assert r["label_accuracy"] == pytest.approx((read == asked).float().mean().item())
     for d in range(10):
         assert r["per_digit_accuracy"][d] == pytest.approx((read == asked)[asked == d].float().mean().item())
-    assert r["label_accuracy"] < E.score(x, model, real_feats, kid_subsets=2, labels=y)["label_accuracy"]
+    assert r["label_accuracy"] < E.score(x, model, real_feats, labels=y)["label_accuracy"]
 
 
 def test_a_broken_png_is_a_one_line_error(tmp_path):
@@ -336,3 +355,85 @@ def test_a_broken_png_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit) as exc:
         E.main(["--images", str(tmp_path), "--data", str(tmp_path / "data")])
     assert "4.png is not a readable PNG" in str(exc.value.code) and "\n" not in str(exc.value.code)
+
+
+# --- inpainting read back (measure_editing) ---------------------------------
+
+def tiny_checkpoint(tmp_path):
+    """An untrained tiny DDPM: enough to run every fill and round trip end to end."""
+    cfg = merge(DEFAULTS, {"model": TINY_DDPM["model"], "diffusion": {"num_timesteps": 20}})
+    torch.manual_seed(0)
+    model, _ = build(cfg)
+    path = str(tmp_path / "run" / "last.pt")
+    save_checkpoint(path, {"model": model.state_dict(), "ema": model.state_dict(), "optimizer": {}, "step": 0,
+                           "config": cfg})
+    return path
+
+
+def test_nearest_fill_takes_the_hole_of_the_training_image_nearest_on_the_known_pixels():
+    gen = torch.Generator().manual_seed(0)
+    train = torch.rand(50, 1, 28, 28, generator=gen) * 2 - 1
+    images = torch.rand(5, 1, 28, 28, generator=gen) * 2 - 1
+    keep = (torch.rand(1, 28, 28, generator=gen) > 0.4).float()
+    known = keep.expand_as(images) > 0.5
+    images[2] = torch.where(known[2], train[37], images[2])  # train[37] on the known pixels
+    filled = E.nearest_fill(images, keep, train, chunk=7)  # chunks that do not divide the training set
+    assert torch.equal(filled[known], images[known])
+    for i, image in enumerate(images):
+        distances = [(image - t)[known[i]].double().square().sum().item() for t in train]
+        nearest = train[distances.index(min(distances))]
+        assert torch.equal(filled[i][~known[i]], nearest[~known[i]])
+    assert torch.equal(filled[2], train[37])
+
+
+def test_measure_editing_rows_and_baselines(tmp_path, mnist_root):
+    ckpt = tiny_checkpoint(tmp_path)
+    res = E.measure_editing(ckpt, mnist_root, num_images=6, settings=((3, 1, 1), (4, 2, 2)), round_trip_steps=(4,),
+                            round_trip_images=3, completions=2, log=quiet)
+    baselines = ["original (upper bound)", "hole left black (background)", "noise fill",
+                 "nearest training image on the known half"]
+    repaint = {"RePaint, ddpm 3 steps, no resampling": (3, 1, 1),
+               "RePaint, ddpm 4 steps, jumps 2, resample 2": (4, 2, 2)}
+    assert list(res["rows"]) == baselines + list(repaint) and list(res["round_trip"]) == ["4 steps, autoguidance 1"]
+    assert res["num_images"] == 6 and res["mask"] == "bottom"
+    for r in res["rows"].values():
+        assert 0 <= r["read_back"] <= 1 and 0 <= r["hole_abs_err"] <= 2
+    for name, setting in repaint.items():
+        r = res["rows"][name]
+        assert r["network_steps"] == editing.network_steps(*setting) and 0 <= r["majority"] <= 1 and r["seconds"] > 0
+    for r in res["round_trip"].values():
+        assert 0 <= r["mean_abs"] <= r["max_abs"] <= 2
+
+    clf, acc = E.load_classifier(os.path.join(mnist_root, E.CLASSIFIER_FILE), E.ARCH)  # trained and cached by the run
+    test = MNIST(mnist_root, "test")
+    images, labels = E.to_float(test.images[:6]), test.labels[:6]
+    hole = editing.make_mask("bottom").expand_as(images) < 0.5
+    original, black = res["rows"]["original (upper bound)"], res["rows"]["hole left black (background)"]
+    assert res["classifier_val_acc"] == pytest.approx(acc)
+    assert original["read_back"] == pytest.approx(E.accuracy(clf, images, labels)) and original["hole_abs_err"] == 0
+    assert black["hole_abs_err"] == pytest.approx((images[hole] + 1).mean().item())
+
+
+def test_measure_editing_refuses_a_fill_that_changes_known_pixels(tmp_path, mnist_root, monkeypatch):
+    inpaint = editing.inpaint
+
+    def tampered(*args, **kwargs):
+        out = inpaint(*args, **kwargs).clone()
+        out[0, 0, 0, 0, 0] += 0.5  # the top row is known under the bottom mask
+        return out
+
+    monkeypatch.setattr(editing, "inpaint", tampered)
+    with pytest.raises(RuntimeError, match="changed known pixels"):
+        E.measure_editing(tiny_checkpoint(tmp_path), mnist_root, num_images=2, settings=((2, 1, 1),), baselines=False,
+                          round_trip_steps=(), log=quiet)
+
+
+def test_inpaint_eval_cli_prints_both_tables(tmp_path, mnist_root, capsys):
+    E.main(["--ckpt", tiny_checkpoint(tmp_path), "--data", mnist_root, "--verify_data", "false", "--device", "cpu",
+            "--inpaint_eval", "3", "--repaint", "2:1:1", "--round_trip_steps", "3"])
+    out = capsys.readouterr().out
+    assert "3 MNIST test images, mask bottom" in out
+    assert "| fill | read back as the true digit |" in out and "| DDIM encode + decode |" in out
+    for row in ["| original (upper bound) |", "| nearest training image on the known half |",
+                "| RePaint, ddpm 2 steps, no resampling |", "| 3 steps, autoguidance 1 |"]:
+        assert row in out
