@@ -31,11 +31,13 @@ SCHEMA = {
         "norm_groups": (8, "GroupNorm groups"),
         "dropout": (0.0, "dropout inside the ResBlocks"),
         "num_classes": (0, "0 = unconditional; 10 = digits as labels, for classifier-free guidance"),
+        "patch_size": (1, "p > 1: the UNet runs on p x p pixel patches (1/p of the resolution, p*p channels)"),
     },
     "diffusion": {
         "num_timesteps": (1000, "T, the length of the forward chain"),
         "beta_start": (1e-4, "beta_1 of the linear schedule"),
         "beta_end": (0.02, "beta_T of the linear schedule"),
+        "prediction": ("eps", "what the network outputs: eps (DDPM) or v = sqrt(abar) eps - sqrt(1 - abar) x_0"),
     },
     "train": {
         "out_dir": ("runs/default", "checkpoints, logs, config.yaml and sample grids go here"),
@@ -44,8 +46,10 @@ SCHEMA = {
         "time_budget": ("0", "wall-clock budget such as 600, 90s, 10m or 1.5h: train as many steps as fit (0 = off)"),
         "batch_size": (128, "images per step (global under torchrun)"),
         "lr": (2e-4, "AdamW learning rate after warm-up"),
-        "lr_schedule": ("constant", "constant, or cosine down to min_lr_ratio * lr at the last step"),
-        "min_lr_ratio": (0.1, "cosine schedule: final learning rate / lr"),
+        "lr_schedule": ("constant", "constant; cosine down to min_lr_ratio * lr at the last step; or wsd: constant, "
+                                    "then linear down to min_lr_ratio * lr over the last decay_fraction of the steps"),
+        "min_lr_ratio": (0.1, "cosine and wsd schedules: final learning rate / lr"),
+        "decay_fraction": (0.2, "wsd schedule: share of the steps over which the learning rate decays"),
         "warmup_steps": (5000, "linear learning-rate warm-up"),
         "weight_decay": (0.0, "AdamW weight decay"),
         "adam_beta2": (0.999, "AdamW second-moment decay"),
@@ -60,6 +64,7 @@ SCHEMA = {
         "cond_drop_prob": (0.1, "conditional models: share of labels replaced by 'no label'"),
         "guide_fraction": (0.0, "> 0: keep the EMA at this share of the steps as the autoguidance guide"),
         "guide_min_step": (0, "the guide's step is at least this, or half the run if shorter (0 = the fraction only)"),
+        "guide_step": (0, "> 0: keep the guide at exactly this step (a budgeted run saves the step it took)"),
         "eval_every": (500, "period of checkpoint, sample grid and (with --val) validation loss"),
         "val_samples": (2000, "images of the validation split (the last 5,000 of MNIST train) in the validation loss"),
         "log_every": (25, "period of the log.csv rows"),
@@ -81,17 +86,18 @@ SCHEMA = {
 }
 DEFAULTS = {section: {key: default for key, (default, _) in keys.items()} for section, keys in SCHEMA.items()}
 
-CHOICES = {("train", "lr_schedule"): ["constant", "cosine"], ("train", "loss_weighting"): ["none", "min_snr"],
+CHOICES = {("diffusion", "prediction"): ["eps", "v"], ("train", "lr_schedule"): ["constant", "cosine", "wsd"], ("train", "loss_weighting"): ["none", "min_snr"],
            ("train", "timestep_sampling"): ["uniform", "logit_normal"], ("train", "amp"): ["off", "bf16", "fp16"],
            ("sample", "sampler"): ["ddpm", "ddim", "dpm++"]}
 POSITIVE = {("train", k) for k in ["steps", "batch_size", "lr", "eval_every", "log_every", "val_samples",
                                    "min_snr_gamma", "logit_normal_std"]} | {
     ("diffusion", "num_timesteps"), ("diffusion", "beta_start"), ("sample", "num_samples"), ("sample", "batch_size")}
 NON_NEGATIVE = {("train", k) for k in ["warmup_steps", "weight_decay", "grad_clip", "num_threads",
-                                       "guide_min_step"]} | {
+                                       "guide_min_step", "guide_step"]} | {
     ("sample", k) for k in ["steps", "eta", "guidance", "autoguidance"]}
 UNIT_INTERVAL = {"adam_beta2": "[0, 1)", "ema_decay": "[0, 1)", "guide_fraction": "[0, 1) (0 = no guide)",
-                 "cond_drop_prob": "[0, 1]", "min_lr_ratio": "[0, 1]"}
+                 "cond_drop_prob": "[0, 1]", "min_lr_ratio": "[0, 1]",
+                 "decay_fraction": "[0, 1]"}
 
 
 class ConfigError(ValueError):
@@ -189,7 +195,7 @@ def validate(cfg):
         raise ConfigError(f"need 0 < diffusion.beta_start < diffusion.beta_end < 1, "
                           f"got {d['beta_start']} and {d['beta_end']}")
     parse_duration(t["time_budget"])
-    if cfg["sample"]["autoguidance"] != 1.0 and not t["guide_fraction"]:
+    if cfg["sample"]["autoguidance"] != 1.0 and guide_step(t) is None:
         raise ConfigError(f"sample.autoguidance = {cfg['sample']['autoguidance']} needs a guide: set "
                           "train.guide_fraction > 0, or sample.autoguidance=1 to sample without one")
     if cfg["sample"]["steps"] > d["num_timesteps"]:
@@ -199,18 +205,21 @@ def validate(cfg):
 
 
 def check_model(image_size, in_channels, channels, num_res_blocks, attention, mid_attention, num_heads,
-                norm_groups, dropout, num_classes):
+                norm_groups, dropout, num_classes, patch_size=1):
     """Reject model sections that cannot build or run, naming the config key to change."""
+    if patch_size < 1 or image_size % patch_size:
+        raise ConfigError(f"model.patch_size must be a positive divisor of model.image_size ({image_size}), "
+                          f"got {patch_size}")
     if not channels or any(int(c) != c or c < 1 for c in channels):
         raise ConfigError(f"model.channels must be a non-empty list of positive ints, got {channels}")
     if in_channels < 1:
         raise ConfigError(f"model.in_channels must be >= 1, got {in_channels}")
-    factor = 2 ** (len(channels) - 1)
-    if image_size % factor:
-        levels = max(i for i in range(len(channels)) if image_size % 2**i == 0) + 1
-        raise ConfigError(f"model.image_size {image_size} is not divisible by 2**{len(channels) - 1} = {factor} "
-                          f"(one downsampling between each of the {len(channels)} levels of model.channels): "
-                          f"use at most {levels} levels")
+    factor, size = 2 ** (len(channels) - 1), image_size // patch_size
+    if size % factor:
+        levels = max(i for i in range(len(channels)) if size % 2**i == 0) + 1
+        raise ConfigError(f"model.image_size {image_size} / model.patch_size {patch_size} = {size} is not divisible "
+                          f"by 2**{len(channels) - 1} = {factor} (one downsampling between each of the "
+                          f"{len(channels)} levels of model.channels): use at most {levels} levels")
     if channels[0] % 2:
         raise ConfigError(f"model.channels[0] = {channels[0]} must be even (it sizes the sinusoidal time embedding)")
     for c in channels:
@@ -250,9 +259,12 @@ def parse_duration(text):
 
 def guide_step(t_cfg):
     """The step whose EMA weights training keeps as the autoguidance guide (None without one):
-    guide_fraction of the steps, but not before guide_min_step, or half the run if that is shorter.
+    guide_step if set, else guide_fraction of the steps, but not before guide_min_step, or half the
+    run if that is shorter.
     A short run's fraction step is too early to help: its EMA has barely learnt digits, and steering
     away from it does little (docs/results.md, quality against training steps)."""
+    if t_cfg["guide_step"]:
+        return t_cfg["guide_step"]
     if not t_cfg["guide_fraction"]:
         return None
     later = min(t_cfg["guide_min_step"], t_cfg["steps"] // 2)  # 0 with no minimum: the fraction rules

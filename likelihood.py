@@ -47,11 +47,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from configuration import ConfigError
-from fileio import atomic_write, load_model, save_image
+from fileio import atomic_write, line_plot, load_model, save_image
 from mnist import MNIST
 
 VARIANCES = ("beta_tilde", "beta")
@@ -339,52 +338,14 @@ def csv_bytes(rows):
     return f.getvalue().encode()
 
 
-COLOURS = {"beta_tilde": (31, 119, 180), "beta": (214, 39, 40)}
-
-
-def plot_terms(rows, title, size=(760, 480)):
+def plot_terms(rows, title):
     """PIL image of the mean term (bits/dim) against code t = 0..T-1, both axes logarithmic (x: t + 1,
     so t = 0, the decoder, sits at the left edge), one line per variance; in a stratified run each t
     beyond the exact ones is a mean over the few images that drew it."""
-    width, height = size
-    left, right, top, bottom = 70, 20, 40, 50
-    pts = {v: [(row[0], row[1 + i]) for row in rows[:-1] if row[1 + i] is not None and row[1 + i] > 0]
-           for i, v in enumerate(VARIANCES)}
-    values = [y for p in pts.values() for _, y in p] or [1.0]
-    lo, hi = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)))
-    hi = max(hi, lo + 1)
-    span = math.log10(max(len(rows) - 1, 2))  # log10(T): x of t = T - 1
-
-    def xy(t, value):
-        x = left + (width - left - right) * math.log10(t + 1) / span
-        return x, top + (height - top - bottom) * (hi - math.log10(value)) / (hi - lo)
-
-    img = Image.new("RGB", size, "white")
-    d, font = ImageDraw.Draw(img), ImageFont.load_default()
-    for e in range(lo, hi + 1):  # decades
-        y = xy(0, 10.0 ** e)[1]
-        d.line([(left, y), (width - right, y)], fill=(225, 225, 225))
-        d.text((8, y - 6), f"1e{e}", fill="black", font=font)
-    for t in [0, 1, 4, 9, 19, 49, 99, 199, 499, 999, 1999, 4999, 9999]:
-        if t <= len(rows) - 2:
-            x = xy(t, 1.0)[0]
-            d.line([(x, height - bottom), (x, height - bottom + 4)], fill="black")
-            d.text((x - 8, height - bottom + 8), str(t), fill="black", font=font)
-    d.rectangle([left, top, width - right, height - bottom], outline="black")
-    for v, p in pts.items():
-        line = [xy(t, y) for t, y in p]
-        if len(line) > 1:
-            d.line(line, fill=COLOURS[v], width=1)
-        for x, y in line[:10]:  # the first points stand apart on the log axis: mark them
-            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=COLOURS[v])
-    d.text((left, 10), title, fill="black", font=font)
-    d.text((width // 2 - 170, height - 20), "code t, log scale of t + 1 (t = 0: L_0, the decoder; t: L_t)",
-           fill="black", font=font)
-    for i, (v, label) in enumerate([("beta_tilde", "sigma^2 = beta~_t"), ("beta", "sigma^2 = beta_t")]):
-        d.line([(width - 170, top + 15 + 15 * i), (width - 150, top + 15 + 15 * i)], fill=COLOURS[v], width=2)
-        d.text((width - 145, top + 9 + 15 * i), label, fill="black", font=font)
-    d.text((left + 5, top + 5), "mean term, bits/dim", fill="black", font=font)
-    return img
+    labels = {"beta_tilde": "sigma^2 = beta~_t", "beta": "sigma^2 = beta_t"}
+    series = {labels[v]: [(row[0], row[1 + i]) for row in rows[:-1]] for i, v in enumerate(VARIANCES)}
+    return line_plot(series, title, "code t, log scale of t + 1 (t = 0: L_0, the decoder; t: L_t)",
+                     "mean term, bits/dim", log_x=True, marks=10)
 
 
 def write_outputs(prefix, result, rows, plot):
@@ -416,7 +377,10 @@ def checkpoint_bound(ckpt, data_root, *, split="test", num_images=1000, timestep
     if model.num_classes:
         y = torch.full((n,), model.num_classes) if unconditional else data.labels[ids]
     coefs = Coefficients.from_scheduler(scheduler)
-    raw = variational_bound(model, coefs, x0, y=y, image_ids=ids, timesteps=timesteps, exact_first=exact_first,
+    def eps_model(x_t, t, y):  # the network's output as eps, whatever it predicts
+        return scheduler.eps_from_output(model(x_t, t, y), x_t, t)
+
+    raw = variational_bound(eps_model, coefs, x0, y=y, image_ids=ids, timesteps=timesteps, exact_first=exact_first,
                             seed=seed, batch_size=batch_size, device=device, progress=progress)
     dims = x0[0].numel()
     k = len(raw["edges"]) - 1

@@ -44,9 +44,9 @@ def timestep_list(num_timesteps, num_steps):
 class LinearNoiseScheduler(nn.Module):
     """The linear beta schedule of DDPM; a Module only so its buffers follow .to(device)."""
 
-    def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
+    def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02, prediction="eps"):
         super().__init__()
-        self.num_timesteps = num_timesteps
+        self.num_timesteps, self.prediction = num_timesteps, prediction
         # Build in float64 (the cumulative product loses precision in float32), store float32.
         betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         alpha_bars = torch.cumprod(1.0 - betas, dim=0)
@@ -80,6 +80,21 @@ class LinearNoiseScheduler(nn.Module):
         """eps from x_0, the other way round of predict_x0."""
         a = self._abar(t, x_t)
         return (x_t - a.sqrt() * x0) / (1.0 - a).sqrt()
+
+    def eps_from_output(self, out, x_t, t):
+        """eps from the network's output: the output itself for prediction "eps"; for "v"
+        (Salimans & Ho 2022, v = sqrt(abar) eps - sqrt(1 - abar) x_0), eps = sqrt(abar) v + sqrt(1 - abar) x_t."""
+        if self.prediction == "eps":
+            return out
+        a = self._abar(t, x_t)
+        return a.sqrt() * out + (1.0 - a).sqrt() * x_t
+
+    def target(self, x0, noise, t):
+        """What the network learns to output: eps, or v = sqrt(abar) eps - sqrt(1 - abar) x_0."""
+        if self.prediction == "eps":
+            return noise
+        a = self._abar(t, x0)
+        return a.sqrt() * noise - (1.0 - a).sqrt() * x0
 
     def snr(self, t):
         """Signal-to-noise ratio abar_t / (1 - abar_t) of each timestep (for Min-SNR weighting)."""
@@ -201,9 +216,14 @@ def sample_timesteps(n, num_timesteps, t_cfg, device):
 
 
 def diffusion_loss(model, scheduler, x0, t, noise, weighting="none", gamma=5.0, y=None):
-    """DDPM Algorithm 1: noise x0 to x_t (eq. 4), predict eps, and take the eps MSE of eq. 14.
-    Returns the per-sample losses and their (optionally Min-SNR-weighted) batch mean."""
+    """DDPM Algorithm 1: noise x0 to x_t (eq. 4), predict eps, and take the eps MSE of eq. 14 (or the
+    MSE of v for prediction "v"). Returns the per-sample losses and their (optionally Min-SNR-weighted)
+    batch mean. Min-SNR weights x_0's squared error by min(SNR, gamma) in either parametrisation: the
+    eps MSE by min(SNR, gamma) / SNR, the v MSE by min(SNR, gamma) / (SNR + 1)."""
     pred = model(scheduler.add_noise(x0, noise, t), t, y)
-    per_sample = (pred.float() - noise).pow(2).mean(dim=(1, 2, 3))  # float32 even under autocast
-    weight = min_snr_weight(scheduler.snr(t), gamma) if weighting == "min_snr" else 1.0
+    per_sample = (pred.float() - scheduler.target(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))  # float32 under autocast
+    weight = 1.0
+    if weighting == "min_snr":
+        snr = scheduler.snr(t)
+        weight = min_snr_weight(snr, gamma) * (snr / (snr + 1) if scheduler.prediction == "v" else 1.0)
     return per_sample, (per_sample * weight).mean()

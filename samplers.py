@@ -73,7 +73,7 @@ def sample_loop(model, scheduler, x, timesteps, sampler, noise, eta=0.0, labels=
     The last x_prev is the sample."""
     step, state = SAMPLERS[sampler], {}
     for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
-        eps = predict_eps(model, x, t, labels, guidance, guide, autoguidance)
+        eps = scheduler.eps_from_output(predict_eps(model, x, t, labels, guidance, guide, autoguidance), x, t)
         x0 = scheduler.predict_x0(x, eps, t).clamp(-1.0, 1.0)
         x_prev = step(scheduler, x, x0, t, t_prev, noise, state, eta)
         yield x, x0, x_prev

@@ -26,6 +26,15 @@ def timestep_embedding(t, dim):
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
+def zero(layer):
+    """The layer with its weights and bias set to 0, as the DDPM reference UNet starts the last conv of
+    every residual branch and the output conv: each block starts as the identity, and training moves
+    the blocks away from it one by one instead of through the noise of a random residual."""
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 class ResBlock(nn.Module):
     """GroupNorm, SiLU, conv; add the projected time embedding; GroupNorm, SiLU, dropout, conv; residual."""
 
@@ -36,7 +45,7 @@ class ResBlock(nn.Module):
         self.temb = nn.Linear(temb_dim, out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, temb):
@@ -54,7 +63,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.norm = nn.GroupNorm(groups, ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = nn.Conv2d(ch, ch, 1)
+        self.proj = zero(nn.Conv2d(ch, ch, 1))
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -75,14 +84,17 @@ class UNet(nn.Module):
 
     def __init__(self, image_size=28, in_channels=1, channels=(16, 32, 64), num_res_blocks=1,
                  attention=(False, False, False), mid_attention=True, num_heads=4, norm_groups=8,
-                 dropout=0.0, num_classes=0):
+                 dropout=0.0, num_classes=0, patch_size=1):
         super().__init__()
         check_model(image_size, in_channels, channels, num_res_blocks, attention, mid_attention, num_heads,
-                    norm_groups, dropout, num_classes)
+                    norm_groups, dropout, num_classes, patch_size)
         temb_dim = 4 * channels[0]
         self.image_size, self.in_channels, self.channels = image_size, in_channels, list(channels)
         self.time_mlp = nn.Sequential(nn.Linear(channels[0], temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
-        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        # patch_size p > 1: every p x p patch of pixels becomes one position with p*p channels (pixel
+        # unshuffle) before conv_in, and back after conv_out, so the UNet runs at 1/p of the resolution.
+        self.patch_size = patch_size
+        self.conv_in = nn.Conv2d(in_channels * patch_size**2, channels[0], 3, padding=1)
         self.num_classes = num_classes
         self.label_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
 
@@ -114,7 +126,7 @@ class UNet(nn.Module):
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
                                              nn.Conv2d(ch, ch, 3, padding=1)))
         assert not skips, "every skip connection must be consumed"
-        self.out = nn.Sequential(nn.GroupNorm(norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(norm_groups, ch), nn.SiLU(), zero(nn.Conv2d(ch, in_channels * patch_size**2, 3, padding=1)))
 
     def forward(self, x, t, y=None):
         """eps for x (B, C, H, W) at timesteps t (B,); y (B,) labels of a conditional model
@@ -124,7 +136,7 @@ class UNet(nn.Module):
             if y is None:
                 y = torch.full_like(t, self.num_classes)
             temb = temb + self.label_emb(y)
-        h = self.conv_in(x)
+        h = self.conv_in(F.pixel_unshuffle(x, self.patch_size) if self.patch_size > 1 else x)
         hs = [h]
         for layer in self.down:
             if isinstance(layer, nn.ModuleList):
@@ -138,5 +150,6 @@ class UNet(nn.Module):
                 h = layer[1](layer[0](torch.cat([h, hs.pop()], dim=1), temb))
             else:
                 h = layer(h)
-        return self.out(h)
+        h = self.out(h)
+        return F.pixel_shuffle(h, self.patch_size) if self.patch_size > 1 else h
 

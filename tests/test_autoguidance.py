@@ -11,6 +11,7 @@ import evaluate
 import sample
 import train
 import train_util
+from conftest import randomised
 from configuration import ConfigError, guide_step, load_config
 from fileio import build, load_guide, load_model
 from samplers import generate
@@ -37,9 +38,9 @@ def keep_checkpoints(monkeypatch, tmp_path, steps):
 
 
 def test_guide_step_follows_the_fraction():
-    assert guide_step({"guide_fraction": 0.0, "guide_min_step": 0, "steps": 3900}) is None
-    assert guide_step({"guide_fraction": 0.23, "guide_min_step": 0, "steps": 3900}) == 897
-    assert guide_step({"guide_fraction": 0.01, "guide_min_step": 0, "steps": 10}) == 1  # never step 0 (the untrained net)
+    assert guide_step({"guide_fraction": 0.0, "guide_min_step": 0, "guide_step": 0, "steps": 3900}) is None
+    assert guide_step({"guide_fraction": 0.23, "guide_min_step": 0, "guide_step": 0, "steps": 3900}) == 897
+    assert guide_step({"guide_fraction": 0.01, "guide_min_step": 0, "guide_step": 0, "steps": 10}) == 1  # never step 0 (the untrained net)
 
 
 @pytest.mark.parametrize("steps, expected", [(3900, 897),  # 23 % is past the minimum: the fraction rules
@@ -47,8 +48,8 @@ def test_guide_step_follows_the_fraction():
                                              (689, 344),  # the minimum is past half the run: half
                                              (10, 5)])
 def test_a_short_runs_guide_is_taken_later(steps, expected):
-    assert guide_step({"guide_fraction": 0.23, "guide_min_step": 400, "steps": steps}) == expected
-    assert guide_step({"guide_fraction": 0.0, "guide_min_step": 400, "steps": steps}) is None  # no guide asked
+    assert guide_step({"guide_fraction": 0.23, "guide_min_step": 400, "guide_step": 0, "steps": steps}) == expected
+    assert guide_step({"guide_fraction": 0.0, "guide_min_step": 400, "guide_step": 0, "steps": steps}) is None  # no guide asked
 
 
 def test_guide_is_the_ema_of_its_step_and_is_kept(tiny_config, tmp_path, monkeypatch):
@@ -83,7 +84,7 @@ def test_autoguidance_weights_one_and_zero(tiny_config):
     torch.manual_seed(0)
     model, scheduler = build(load_config(tiny_config))
     guide, _ = build(load_config(tiny_config))
-    model.eval(), guide.eval()
+    model, guide = randomised(model).eval(), randomised(guide).eval()
     kw = dict(seed=3, sampler="ddpm", steps=5, progress=False, batch_size=4)
     plain = generate(model, scheduler, 4, **kw)
     guide_alone = generate(guide, scheduler, 4, **kw)

@@ -9,6 +9,7 @@ import yaml
 import sample
 import train
 import train_util
+from conftest import randomised
 from configuration import ConfigError, load_config
 from fileio import build
 from linear_noise_scheduler import guided_eps
@@ -26,7 +27,7 @@ def conditional_model(tiny_config):
     cfg = load_config(tiny_config, ["model.num_classes=10"])
     torch.manual_seed(0)
     model, scheduler = build(cfg)
-    return model.eval(), scheduler
+    return randomised(model).eval(), scheduler
 
 
 def test_guided_prediction_uses_one_batched_call(tiny_config):

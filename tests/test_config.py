@@ -74,7 +74,8 @@ def test_schema_defaults_are_the_papers_method():
     t, s = DEFAULTS["train"], DEFAULTS["sample"]
     assert (t["timestep_sampling"], t["loss_weighting"], t["guide_fraction"]) == ("uniform", "none", 0.0)
     assert (s["sampler"], s["steps"], s["autoguidance"], s["guidance"]) == ("ddpm", 0, 1.0, 1.0)
-    assert DEFAULTS["diffusion"] == {"num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+    assert DEFAULTS["diffusion"] == {"num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+                                    "prediction": "eps"}
 
 
 def test_configuration_prints_the_resolved_config_and_every_key(capsys):

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import randomised
 from configuration import ConfigError, load_config
 from unet import UNet
 
@@ -18,9 +19,30 @@ def test_output_shape_equals_input_shape(kwargs):
     assert model(x, torch.tensor([0, 10, 999])).shape == x.shape
 
 
+def test_patches_keep_the_image_shape_and_each_output_pixel_sees_its_own_patch():
+    torch.manual_seed(0)
+    model = randomised(UNet(**dict(TINY, patch_size=2, channels=[8, 8]))).eval()
+    x = torch.randn(2, 1, 28, 28)
+    out = model(x, torch.tensor([5, 500]))
+    assert out.shape == x.shape
+    y = x.clone()
+    y[:, :, 0, 0] += 1.0  # one pixel of the top-left patch: the outputs of all four of its pixels change
+    assert ((model(y, torch.tensor([5, 500])) - out)[:, :, :2, :2].abs() > 1e-6).all()
+
+
+def test_an_untrained_unet_outputs_zero_and_its_residual_branches_start_at_zero():
+    """The DDPM reference UNet's initialisation: the last conv of every residual branch (ResBlock conv2,
+    attention proj) and the output conv start at 0."""
+    model = UNet(**TINY)
+    assert torch.equal(model(torch.randn(2, 1, 28, 28), torch.tensor([3, 900])), torch.zeros(2, 1, 28, 28))
+    last = [m.conv2 for m in model.modules() if hasattr(m, "conv2")] + [m.proj for m in model.modules()
+                                                                         if hasattr(m, "proj")]
+    assert last and all(not p.any() for layer in last for p in layer.parameters())
+
+
 def test_output_depends_on_t():
     torch.manual_seed(0)
-    model = UNet(**TINY).eval()
+    model = randomised(UNet(**TINY)).eval()
     x = torch.randn(1, 1, 28, 28).expand(2, -1, -1, -1)
     out = model(x, torch.tensor([5, 900]))
     assert (out[0] - out[1]).abs().max() > 1e-3
@@ -53,6 +75,8 @@ def test_default_config_builds_and_trains_one_step_quickly():
     (dict(TINY, num_heads=3), "model.num_heads"),
     (dict(TINY, dropout=1.5), "model.dropout"),
     (dict(TINY, num_res_blocks=0), "model.num_res_blocks"),
+    (dict(TINY, patch_size=3), "model.patch_size"),  # 28 % 3 != 0
+    (dict(TINY, patch_size=4), "model.image_size"),  # 7 positions cannot be halved
 ])
 def test_invalid_model_configs_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
