@@ -32,7 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from configuration import DEVICE_HELP, load_config, parse_duration, pick_device, run_cli, split_overrides
 from fileio import build
 from linear_noise_scheduler import diffusion_loss
-from train_util import StepRunner, evaluations, steps_that_fit, sync
+from train_util import FINISH_AT, StepRunner, evaluations_between, steps_that_fit, sync
 
 
 def timed(fn, device, min_seconds, warmup=2):
@@ -155,8 +155,9 @@ def training_time(cfg, train_img_per_s, sample_img_per_s):
     evals_per_image = (s["steps"] or T) * (2 if s["autoguidance"] != 1.0 or s["guidance"] != 1.0 else 1)
     eval_s = 64 * evals_per_image / sample_img_per_s
     budget = parse_duration(t["time_budget"])
-    steps = steps_that_fit(budget, step_s, eval_s, t["eval_every"]) if budget else t["steps"]
-    return {"config_train_steps": steps, "config_train_s": steps * step_s + evaluations(steps, t["eval_every"]) * eval_s}
+    steps = steps_that_fit(FINISH_AT * budget, step_s, eval_s, t["eval_every"]) if budget else t["steps"]
+    return {"config_train_steps": steps,
+            "config_train_s": steps * step_s + evaluations_between(0, steps, t["eval_every"]) * eval_s}
 
 
 def main(argv=None):

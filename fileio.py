@@ -6,35 +6,19 @@ never half of one. Checkpoints hold tensors, numbers and the resolved config onl
 with torch.load(weights_only=True); anything else (pickled code) is refused.
 """
 
+import math
 import os
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from configuration import DEFAULTS, ConfigError, guide_step, merge
 from linear_noise_scheduler import LinearNoiseScheduler
 from mnist import to_uint8
-from mnist_downloader import fsync_dir
+from mnist_downloader import atomic_write, fsync_dir  # noqa: F401 (atomic_write is used from here)
 from unet import UNet
 
 CHECKPOINT_KEYS = {"model", "ema", "optimizer", "step", "config"}
-
-
-def atomic_write(path, write):
-    """write(file) into path's temporary file, fsync it, rename it to path, fsync the folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(folder)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_image(image, path, **kwargs):
@@ -54,6 +38,53 @@ def make_grid(images, nrow=8, pad=2, scale=2):
         grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = pixels[i]
     img = Image.fromarray(grid.numpy(), mode="L")
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale != 1 else img
+
+
+PLOT_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+
+
+def line_plot(series, title, x_label, y_label, log_x=False, size=(760, 480), marks=0):
+    """PIL image of lines {label: [(x, y), ...]} on a logarithmic y axis (decades marked), x linear or
+    logarithmic in x + 1; the first `marks` points of each line get a dot. Points with y <= 0 are left out."""
+    width, height = size
+    left, right, top, bottom = 70, 20, 40, 50
+    series = {k: [(x, y) for x, y in p if y is not None and y > 0 and math.isfinite(y)] for k, p in series.items()}
+    xs = [x for p in series.values() for x, _ in p] or [0, 1]
+    ys = [y for p in series.values() for _, y in p] or [1.0]
+    lo, hi = math.floor(math.log10(min(ys))), math.ceil(math.log10(max(ys)))
+    hi = max(hi, lo + 1)
+    fx = (lambda x: math.log10(x + 1)) if log_x else (lambda x: x)
+    x0, x1 = fx(min(xs)), max(fx(max(xs)), fx(min(xs)) + 1e-9)
+
+    def xy(x, y):
+        return (left + (width - left - right) * (fx(x) - x0) / (x1 - x0),
+                top + (height - top - bottom) * (hi - math.log10(y)) / (hi - lo))
+
+    img = Image.new("RGB", size, "white")
+    d, font = ImageDraw.Draw(img), ImageFont.load_default()
+    for e in range(lo, hi + 1):
+        y = xy(min(xs), 10.0 ** e)[1]
+        d.line([(left, y), (width - right, y)], fill=(225, 225, 225))
+        d.text((8, y - 6), f"1e{e}", fill="black", font=font)
+    ticks = ([t for t in [0, 1, 4, 9, 19, 49, 99, 199, 499, 999, 1999, 4999, 9999, 99999] if min(xs) <= t <= max(xs)]
+             if log_x else [min(xs) + (max(xs) - min(xs)) * i / 5 for i in range(6)])
+    for t in ticks:
+        x = xy(t, 1.0)[0]
+        d.line([(x, height - bottom), (x, height - bottom + 4)], fill="black")
+        d.text((x - 8, height - bottom + 8), f"{t:g}", fill="black", font=font)
+    d.rectangle([left, top, width - right, height - bottom], outline="black")
+    for i, (label, points) in enumerate(series.items()):
+        colour, line = PLOT_COLOURS[i % len(PLOT_COLOURS)], [xy(x, y) for x, y in points]
+        if len(line) > 1:
+            d.line(line, fill=colour, width=1)
+        for x, y in line[:marks]:
+            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        d.line([(width - 170, top + 15 + 15 * i), (width - 150, top + 15 + 15 * i)], fill=colour, width=2)
+        d.text((width - 145, top + 9 + 15 * i), label, fill="black", font=font)
+    d.text((left, 10), title, fill="black", font=font)
+    d.text((left + 5, top + 5), y_label, fill="black", font=font)
+    d.text((width // 2 - 3 * len(x_label), height - 20), x_label, fill="black", font=font)
+    return img
 
 
 def save_checkpoint(path, state):

@@ -10,6 +10,10 @@ root/.verified, so later starts cost a stat, and a file that changed since (a
 damaged or foreign file with the same name, Fashion-MNIST say) is checked again
 and fetched again if it fails.
 
+Several processes may fill one folder at once (the nodes of a torchrun job on a
+shared file system): each writes under temporary names of its own, NAME.tmp-HOST-PID-RANDOM,
+and a start-up clean-up removes only the temporary files of writers that are gone.
+
 A mirror is an http(s) URL or a local folder (plain path or file:// URL) that
 holds the .gz files. Mirrors from --mirror come first, then those in the
 environment variable MNIST_MIRROR (separated by spaces or commas), then the
@@ -17,12 +21,13 @@ public defaults below.
 """
 
 import argparse
-import glob
+import contextlib
 import hashlib
 import http.client
 import json
 import os
 import secrets
+import socket
 import sys
 import time
 import urllib.error
@@ -54,6 +59,9 @@ TIMEOUT_S = 30  # per network operation, so a dead mirror cannot hang us
 FILE_DEADLINE_S = 900  # per file, so a mirror that trickles a byte at a time cannot either
 CHUNK = 1 << 16
 STAMPS = ".verified"  # name -> [size, mtime_ns, sha256] of the files verified in root
+# A temporary file untouched for longer than any download may take is a dead writer's, whoever wrote it.
+STALE_S = FILE_DEADLINE_S + TIMEOUT_S
+HOST = socket.gethostname()
 
 
 class DownloadError(RuntimeError):
@@ -121,7 +129,7 @@ def _fetch(mirror, name, sha256, size, dest, progress):
     """Put a verified copy of name from one mirror at dest, or raise."""
     # Same folder, so os.replace is an atomic rename. Not tempfile.mkstemp:
     # its files are private (0600), this one gets the usual permissions.
-    tmp = f"{dest}.tmp-{secrets.token_hex(4)}"
+    tmp = _temporary(dest)
     out = open(tmp, "xb")
     try:
         with out:
@@ -142,7 +150,10 @@ def _fetch(mirror, name, sha256, size, dest, progress):
 
 
 def fsync_dir(folder):
-    """Flush a folder's entries (a rename in it) to disk."""
+    """Flush a folder's entries (a rename in it) to disk. Not on Windows: a folder cannot be opened
+    there (os.open raises PermissionError), and NTFS journals the rename itself."""
+    if os.name == "nt":
+        return
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -193,6 +204,75 @@ def _fetch_from_any(mirrors, name, sha256, size, dest, progress):
         "environment variable.")
 
 
+def _temporary(dest):
+    """A temporary name beside dest, unique and naming its writer: dest.tmp-HOST-PID-RANDOM."""
+    return f"{dest}.tmp-{HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _running(pid):
+    """True if process pid runs on this host, or if that cannot be asked: on Windows os.kill would end it."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
+def _stale(path, now):
+    """True for a temporary file whose writer is gone: untouched for STALE_S, or written by a process
+    of this host that no longer runs. Another host's recent file may be a download in progress."""
+    try:
+        if now - os.path.getmtime(path) > STALE_S:
+            return True
+    except FileNotFoundError:  # its writer has just renamed or removed it
+        return False
+    host, pid = _writer(os.path.basename(path))
+    return host == HOST and not _running(pid)
+
+
+def _writer(name):
+    """(host, pid) from a temporary file's name NAME.tmp-HOST-PID-RANDOM; (None, None) from another name."""
+    fields = name.rpartition(".tmp-")[2].rsplit("-", 2)  # a host name may hold "-" itself
+    return (fields[0], int(fields[1])) if len(fields) == 3 and fields[1].isdigit() else (None, None)
+
+
+def _remove_stale_temporaries(root):
+    """Remove the temporary files of killed downloads in root, never those of downloads in progress."""
+    now = time.time()
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if ".tmp-" in name and _stale(path, now):
+            with contextlib.suppress(FileNotFoundError):  # another process removed it first
+                os.remove(path)
+
+
+def atomic_write(path, write):
+    """write(file) into a temporary file of this process's own beside path, fsync it, rename it to
+    path, fsync the folder: readers see the old file or the whole new one, and writers that race
+    each replace the whole file, never write into one another's."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = _temporary(path)
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(folder)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_stamps(root, stamps):
+    atomic_write(os.path.join(root, STAMPS), lambda f: f.write(json.dumps(stamps).encode()))
+
+
 def _stamp(path):
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns]
@@ -232,13 +312,12 @@ def ensure_mnist(root="data/mnist", mirrors=None, files=FILES, progress=True):
     """Make sure every file of the table is in root and verified.
 
     Missing files, and present files with the wrong content, are fetched; temporary files that
-    a killed download left behind are removed. Raises DownloadError when no mirror delivers a
-    good copy of a file.
+    a killed download left behind are removed (_remove_stale_temporaries). Raises DownloadError
+    when no mirror delivers a good copy of a file.
     """
     mirrors = mirrors_from(None) if mirrors is None else list(mirrors)
     os.makedirs(root, exist_ok=True)
-    for stale in glob.glob(os.path.join(glob.escape(str(root)), "*.tmp-*")):
-        os.remove(stale)
+    _remove_stale_temporaries(root)
     stamps = {}
     for name, (sha256, size) in files.items():
         dest = os.path.join(root, name)
@@ -250,10 +329,7 @@ def ensure_mnist(root="data/mnist", mirrors=None, files=FILES, progress=True):
             mirror = _fetch_from_any(mirrors, name, sha256, size, dest, progress)
             print(f"{name}: downloaded from {mirror}")
         stamps[name] = _stamp(dest) + [sha256]
-    path = os.path.join(root, STAMPS)
-    with open(path + ".tmp-stamps", "w") as f:
-        json.dump(stamps, f)
-    os.replace(path + ".tmp-stamps", path)
+    _write_stamps(root, stamps)
 
 
 def main(argv=None):

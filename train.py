@@ -31,8 +31,8 @@ from linear_noise_scheduler import sample_timesteps  # noqa: E402
 from mnist import to_float  # noqa: E402
 from mnist_downloader import DownloadError, mirrors_from  # noqa: E402
 from train_util import (Run, StepRunner, TrainingDiverged, Validator, batch_indices, batch_shard,  # noqa: E402
-                        deferred_interrupt, distributed_setup, drop_labels, ema_decay_at, lr_at, rank_and_world,
-                        steps_for_budget, stop_now, stop_requested, training_data)
+                        BudgetPlanner, deferred_interrupt, distributed_setup, drop_labels, ema_decay_at, lr_at,
+                        rank_and_world, stop_now, stop_requested, time_step_and_evaluation, training_data)
 
 
 def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None, started=None):
@@ -52,21 +52,23 @@ def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None, s
     # Model eps_theta, the noise schedule, AdamW and the EMA; a resumed run restores all of them.
     model, scheduler = build(cfg, device)
     runner = StepRunner(model, scheduler, t_cfg, device)
-    step, best_val, guide = 0, float("inf"), None
+    step, best_val, guide_state = 0, float("inf"), None
     if ckpt is not None:
         runner.load_state(ckpt)
-        step, best_val, guide = ckpt["step"], ckpt["best_val"], ckpt.get("guide")
+        step, best_val, guide_state = ckpt["step"], ckpt["best_val"], ckpt.get("guide")
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
     validator = Validator(cfg["data"]["root"], t_cfg["val_samples"], T, device, rank, world) if val else None
     run = Run(cfg, runner, scheduler, device, validator, step, resumed=ckpt is not None)
-    if ckpt is None and parse_duration(t_cfg["time_budget"]):  # then fix the step count, once
-        t_cfg["steps"] = steps_for_budget(run, images, labels, shard, started or time.monotonic())
+    planner = None
+    if ckpt is None and parse_duration(t_cfg["time_budget"]):  # then plan the step count, and re-plan it as we go
+        planner = BudgetPlanner(t_cfg, started or time.monotonic(), *time_step_and_evaluation(run, images, labels, shard),
+                                device)
         run.write_config()
-    # Autoguidance: the EMA weights of this step are kept beside the final ones, as a weaker version of
-    # the same model for the sampler to steer away from. Free in training time: a copy of the weights.
-    guide_at = guide_step(t_cfg)
+        if rank == 0:
+            print(f"time budget {t_cfg['time_budget']}: {planner.step_s:.3f} s per step and {planner.eval_s:.1f} s per "
+                  f"evaluation here, so about {t_cfg['steps']} steps; re-planned as the run goes")
     if rank == 0:
         procs = f" x {world} processes" if world > 1 else ""
         print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; device {device}{procs}; "
@@ -76,7 +78,12 @@ def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None, s
     with deferred_interrupt() as interrupted, \
             tqdm(total=t_cfg["steps"], initial=step, desc="train", unit="step", disable=rank != 0) as bar:
         while step < t_cfg["steps"]:
-            # Learning rate: linear warm-up, then constant or cosine decay.
+            # Time budget: re-time the steps and re-plan their count while nothing trained depends on it.
+            if planner is not None and planner.look(step):
+                bar.total = t_cfg["steps"]
+                run.write_config()
+
+            # Learning rate: linear warm-up, then constant, cosine or wsd decay.
             lr = lr_at(step, t_cfg)
 
             # Batch: images x_0, labels (some dropped to "no label"), timesteps t and noise eps. A pure
@@ -92,8 +99,13 @@ def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None, s
                                                  lr, ema_decay_at(step, t_cfg))
             step += 1
             bar.update(1)
-            if step == guide_at:
-                guide = {k: v.detach().clone() for k, v in runner.ema.state_dict().items()}
+            # Autoguidance: the EMA weights of this step are kept beside the final ones, as a weaker version
+            # of the same model for the sampler to steer away from. Free in training time: a copy of the weights.
+            if step == guide_step(t_cfg):
+                guide_state = {k: v.detach().clone() for k, v in runner.ema.state_dict().items()}
+                if planner is not None:  # its step no longer follows train.steps, which may still change
+                    t_cfg["guide_step"] = step
+                    run.write_config()
 
             # Log: the mean loss (overall and per quarter of t) since the last row; a NaN stops the run.
             run.add(loss, per_sample, t[shard])
@@ -103,14 +115,21 @@ def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None, s
 
             # Evaluate and checkpoint: validation loss, a grid from fixed noise, last.pt (and best.pt).
             if evaluate_now:
-                best_val = run.evaluate(step, best_val, guide)
+                tic = time.perf_counter()
+                best_val = run.validate_and_save(step, best_val, guide_state)
+                if planner is not None:
+                    planner.evaluated(time.perf_counter() - tic)
 
             # Stop: Ctrl-C or SIGTERM finishes this step, saves last.pt and exits; a second one stops at once.
             if stop_requested(interrupted, device):
                 if rank == 0 and run.loss_is_finite():
-                    run.save(run.last_path, step, best_val, guide)
+                    run.save(run.last_path, step, best_val, guide_state)
                     tqdm.write(f"interrupted: saved {run.last_path} at step {step}; continue with --resume")
                 stop_now(interrupted)
+    if planner is not None and rank == 0:
+        again = f"--train.steps={t_cfg['steps']}" + (f" --train.guide_step={t_cfg['guide_step']}" if t_cfg["guide_step"] else "")
+        print(f"time budget {t_cfg['time_budget']}: trained {t_cfg['steps']} steps (saved in config.yaml; "
+              f"{again} repeats this run)")
     if world > 1:
         dist.barrier()  # rank 0's last checkpoint is written before any process exits
     return model, runner.ema

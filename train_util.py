@@ -25,8 +25,8 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from configuration import ConfigError, parse_duration, pick_device
-from fileio import atomic_write, make_grid, save_checkpoint, save_image
+from configuration import ConfigError, guide_step, parse_duration, pick_device
+from fileio import atomic_write, line_plot, make_grid, save_checkpoint, save_image
 from linear_noise_scheduler import diffusion_loss
 from mnist import MNIST, to_float
 from mnist_downloader import ensure_mnist_present
@@ -44,13 +44,26 @@ class TrainingDiverged(RuntimeError):
 # The batch and the step
 # ----------------------------------------------------------------------------
 
-def lr_at(step, t):
-    """Linear warm-up over warmup_steps, then constant or cosine down to min_lr_ratio * lr."""
-    warm = min(1.0, (step + 1) / t["warmup_steps"]) if t["warmup_steps"] else 1.0
-    if t["lr_schedule"] == "constant":
-        return t["lr"] * warm
-    progress = min(1.0, max(0, step - t["warmup_steps"]) / max(1, t["steps"] - t["warmup_steps"]))
-    return t["lr"] * warm * (t["min_lr_ratio"] + (1 - t["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
+def decay_start(t_cfg):
+    """The wsd schedule's first step of decay: until then its learning rate does not depend on
+    train.steps, so a time budget may still change the step count (see BudgetPlanner)."""
+    return t_cfg["steps"] - round(t_cfg["decay_fraction"] * t_cfg["steps"])
+
+
+def lr_at(step, t_cfg):
+    """Linear warm-up over warmup_steps, then constant; or cosine down to min_lr_ratio * lr at the last
+    step; or wsd (warm-up, stable, decay; Hagele et al. 2024): constant until decay_start, then linear
+    down to min_lr_ratio * lr at the last step."""
+    warm = min(1.0, (step + 1) / t_cfg["warmup_steps"]) if t_cfg["warmup_steps"] else 1.0
+    low = t_cfg["min_lr_ratio"]
+    if t_cfg["lr_schedule"] == "cosine":
+        progress = min(1.0, max(0, step - t_cfg["warmup_steps"]) / max(1, t_cfg["steps"] - t_cfg["warmup_steps"]))
+        return t_cfg["lr"] * warm * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if t_cfg["lr_schedule"] == "wsd":
+        start = decay_start(t_cfg)
+        progress = min(1.0, max(0, step + 1 - start) / max(1, t_cfg["steps"] - start))  # 1 at the last step
+        return t_cfg["lr"] * warm * (1 - (1 - low) * progress)
+    return t_cfg["lr"] * warm
 
 
 @functools.lru_cache(maxsize=1)
@@ -186,9 +199,10 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_step_and_evaluation(run, images, labels, shard, warmup=5, measure=25):
+def time_step_and_evaluation(run, images, labels, shard, warmup=2, measure=8):
     """(seconds per training step, seconds per evaluation), timed on throwaway copies of the model,
-    EMA and optimizer with a batch of the run's shape. The run itself is untouched and the RNG
+    EMA and optimizer with a batch of the run's shape. A rough first figure: BudgetPlanner re-times
+    the steps as the run goes. The run itself is untouched and the RNG
     state is put back, so the run trains exactly as one given its step count would."""
     cfg, device = run.cfg, run.device
     rng = torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -210,11 +224,13 @@ def time_step_and_evaluation(run, images, labels, shard, warmup=5, measure=25):
     # dearer case), a checkpoint. Written to temporary files, then removed.
     timed_run = copy.copy(run)
     timed_run.runner, timed_run.lead = trial, False
-    timed_run.evaluate(0, float("inf"), None)
+    timed_run.validate_and_save(0, float("inf"), None)
     if run.lead:
-        guide = trial.ema.state_dict() if cfg["train"]["guide_fraction"] else None
-        for path, write in [(os.path.join(run.out_dir, "samples", "calibration.tmp.png"), lambda p: run.preview(p, guide)),
-                            (os.path.join(run.out_dir, "calibration.tmp.pt"), lambda p: timed_run.save(p, 0, 0.0, guide))]:
+        guide_state = trial.ema.state_dict() if guide_step(cfg["train"]) is not None else None
+        for path, write in [(os.path.join(run.out_dir, "samples", "calibration.tmp.png"),
+                             lambda p: run.preview(p, guide_state)),
+                            (os.path.join(run.out_dir, "calibration.tmp.pt"),
+                             lambda p: timed_run.save(p, 0, 0.0, guide_state))]:
             write(path)
             os.remove(path)
     sync(device)
@@ -225,46 +241,88 @@ def time_step_and_evaluation(run, images, labels, shard, warmup=5, measure=25):
     return step_s, eval_s
 
 
-def evaluations(steps, eval_every):
-    """How many evaluations a run of `steps` makes: every eval_every steps, and one at the end."""
-    return steps // eval_every + (steps % eval_every != 0)
+def evaluations_between(done, steps, eval_every):
+    """How many evaluations a run makes after `done` steps until its end at `steps`: every eval_every
+    steps, and one at the end."""
+    return steps // eval_every - done // eval_every + (steps % eval_every != 0)
 
 
-def steps_that_fit(seconds, step_s, eval_s, eval_every, safety=0.9):
-    """The largest step count whose steps and evaluations take at most `safety` of `seconds`. The 10 %
-    spare is for what a short calibration cannot see: on shared 2-core machines the steps of a
-    ten-minute run were measured 4-15 % slower than the calibration's (docs/results.md), and the
-    loop also logs and syncs. The cost grows with the count, so a bisection finds it."""
-    def cost(steps):
-        return steps * step_s + evaluations(steps, eval_every) * eval_s
+def steps_that_fit(seconds, step_s, eval_s, eval_every, done=0):
+    """The largest step count N whose steps done+1..N and their evaluations take at most `seconds`
+    (`done` if not even one does). The cost grows with N, so a bisection finds it."""
+    def cost(n):
+        return (n - done) * step_s + evaluations_between(done, n, eval_every) * eval_s
 
-    low, high = 0, max(1, int(seconds / step_s)) + 1  # cost(low) fits; cost(high) does not
+    low, high = done, done + max(1, int(seconds / step_s)) + 1  # cost(low) fits; cost(high) does not
     while high - low > 1:
         mid = (low + high) // 2
-        low, high = (mid, high) if cost(mid) <= safety * seconds else (low, mid)
+        low, high = (mid, high) if cost(mid) <= seconds else (low, mid)
     return low
 
 
-def steps_for_budget(run, images, labels, shard, started):
-    """The largest step count whose steps and evaluations fit in what is left of train.time_budget
-    (counted from `started`, train.py's start), as rank 0 measures it; every rank uses rank 0's count."""
-    t_cfg = run.cfg["train"]
-    budget = parse_duration(t_cfg["time_budget"])
-    step_s, eval_s = time_step_and_evaluation(run, images, labels, shard)
-    left = budget - (time.monotonic() - started)
-    steps = steps_that_fit(left, step_s, eval_s, t_cfg["eval_every"])
-    if dist.is_initialized():
-        count = torch.tensor([steps], device=run.device)
-        dist.broadcast(count, 0)
-        steps = int(count.item())
-    if steps < 1:
-        raise ConfigError(f"train.time_budget={t_cfg['time_budget']} is too small: start-up and calibration took "
-                          f"{budget - left:.0f} s and one step with its evaluation takes {step_s + eval_s:.1f} s "
-                          f"here; ask for more time, or set train.steps")
-    if run.lead:
-        print(f"time budget {t_cfg['time_budget']}: {step_s:.3f} s per step and {eval_s:.1f} s per evaluation "
-              f"here, so {steps} steps (saved as train.steps; --train.steps={steps} repeats this run)")
-    return steps
+def first_step_using_steps(t_cfg):
+    """The first (0-based) step whose work depends on train.steps: the cosine schedule's first step after
+    warm-up, the wsd schedule's first step of decay, and (until train.guide_step fixes it) the step that
+    ends by keeping the autoguidance guide at its share of the run. Steps before it train the same
+    whatever train.steps is, so a time budget may still change it."""
+    first = {"cosine": t_cfg["warmup_steps"] + 1, "wsd": decay_start(t_cfg),
+             "constant": t_cfg["steps"]}[t_cfg["lr_schedule"]]
+    guide_at = guide_step(t_cfg)
+    return first if guide_at is None or t_cfg["guide_step"] else min(first, guide_at - 1)
+
+
+FINISH_AT = 0.985  # a budgeted run plans to end here: 1.5 % spare for the steps after the count is fixed
+
+
+class BudgetPlanner:
+    """Keeps a run of train.time_budget on time on a machine whose speed drifts: every `every` steps it
+    re-times the steps since the last look and re-plans train.steps so that the steps and evaluations
+    left end at `finish_at` of the budget. It may change train.steps only while nothing trained so far
+    depends on it (first_step_using_steps; with the wsd schedule, until its decay starts) and only to
+    a count that keeps it so: the run then equals one given its final count from the start
+    (--train.steps=N repeats it bit for bit). After that the count is fixed. Under torchrun rank 0
+    plans and every rank takes its count."""
+
+    def __init__(self, t_cfg, started, step_s, eval_s, device, finish_at=FINISH_AT, looks=40):
+        self.t_cfg, self.started, self.step_s, self.eval_s, self.device = t_cfg, started, step_s, eval_s, device
+        self.budget, self.finish_at = parse_duration(t_cfg["time_budget"]), finish_at
+        self.fixed = False
+        self.plan(0)
+        self.every = max(1, t_cfg["steps"] // looks)  # from the broadcast count: the same on every rank
+        self.mark, self.eval_time = (0, time.perf_counter()), 0.0
+
+    def plan(self, done):
+        """Set train.steps for what is left of the budget after `done` steps; returns it."""
+        t_cfg, left = self.t_cfg, self.finish_at * self.budget - (time.monotonic() - self.started)
+        steps = steps_that_fit(left, self.step_s, self.eval_s, t_cfg["eval_every"], done)
+        if dist.is_initialized():
+            count = torch.tensor([steps], device=self.device)
+            dist.broadcast(count, 0)
+            steps = int(count.item())
+        if done == 0 and steps < 1:
+            raise ConfigError(f"train.time_budget={t_cfg['time_budget']} is too small: start-up and calibration "
+                              f"took {self.budget - left:.0f} s and one step with its evaluation takes "
+                              f"{self.step_s + self.eval_s:.1f} s here; ask for more time, or set train.steps")
+        steps = max(steps, done + 1)  # at least one more step, which ends with the final evaluation
+        while first_step_using_steps({**t_cfg, "steps": steps}) < done:  # what trained so far must not change
+            steps += 1
+        t_cfg["steps"] = steps
+        return steps
+
+    def evaluated(self, seconds):
+        """An evaluation took `seconds`: plan the next ones at that cost, and keep it out of the step time."""
+        self.eval_s, self.eval_time = seconds, self.eval_time + seconds
+
+    def look(self, done):
+        """Before step `done` (0-based): re-time and re-plan every `every` steps; True if train.steps changed."""
+        if self.fixed or done == 0 or done % self.every:
+            return False
+        now = time.perf_counter()
+        self.step_s = max(1e-6, (now - self.mark[1] - self.eval_time) / (done - self.mark[0]))
+        self.mark, self.eval_time = (done, now), 0.0
+        before = self.t_cfg["steps"]
+        self.fixed = first_step_using_steps(self.t_cfg) <= done
+        return not self.fixed and self.plan(done) != before
 
 
 # ----------------------------------------------------------------------------
@@ -332,6 +390,9 @@ class Validator:
 
     def __init__(self, root, n, num_timesteps, device, rank=0, world_size=1):
         held_out = MNIST(root, "val")
+        if n > len(held_out):
+            raise ConfigError(f"train.val_samples = {n}, but the validation split of {root} holds {len(held_out)} "
+                              f"images: set train.val_samples to at most {len(held_out)}")
         g = torch.Generator().manual_seed(1234)
         x0 = to_float(held_out.images[:n, None])
         t = torch.randint(0, num_timesteps, (len(x0),), generator=g)
@@ -440,7 +501,9 @@ def per_quarter(values, t, num_timesteps):
     return [values[q == i].mean().item() if (q == i).any() else float("nan") for i in range(4)]
 
 
-RUN_OUTPUTS = ["*.pt", "log.csv", "val.csv", "samples/step_*.png", "samples_*", "eval_*.json"]
+# What train.py, sample.py (editing.py), likelihood.py and evaluate.py write beside a checkpoint.
+RUN_OUTPUTS = ["*.pt", "log.csv", "val.csv", "loss.png", "samples/step_*.png", "samples_*", "eval_*.json", "nll_*", "inpaint_*",
+               "encode_*", "interpolate_*", "every_digit_*"]
 
 
 def clear_outputs(out_dir, fresh):
@@ -508,15 +571,15 @@ class Run:
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
         self._reset_meter()
 
-    def save(self, path, step, best_val, guide):
+    def save(self, path, step, best_val, guide_state):
         """A checkpoint with everything needed to continue exactly."""
         rng = {"torch": torch.get_rng_state(),
                "cuda": [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else []}
         save_checkpoint(path, {**self.runner.state(), "step": step, "best_val": best_val, "rng": rng,
-                               "config": self.cfg, "guide": guide})
+                               "config": self.cfg, "guide": guide_state})
 
-    def evaluate(self, step, best_val, guide):
-        """Validation loss (every rank: it is reduced across them), then rank 0's grid and checkpoints.
+    def validate_and_save(self, step, best_val, guide_state):
+        """Validation loss (every rank: it is reduced across them), then rank 0's grid, loss.png and checkpoints.
         Returns the best validation loss so far."""
         msg, is_best = f"step {step}: samples/step_{step:06d}.png", False
         if self.validator is not None:
@@ -526,15 +589,28 @@ class Run:
             if self.lead:
                 append_csv(self.val_path, VAL_FIELDS, dict(zip(VAL_FIELDS, [step] + v)))
         if self.lead:
-            self.preview(os.path.join(self.out_dir, "samples", f"step_{step:06d}.png"), guide)
+            self.preview(os.path.join(self.out_dir, "samples", f"step_{step:06d}.png"), guide_state)
+            self.plot_losses()
             if is_best:
-                self.save(os.path.join(self.out_dir, "best.pt"), step, best_val, guide)
+                self.save(os.path.join(self.out_dir, "best.pt"), step, best_val, guide_state)
                 msg += " best"
-            self.save(self.last_path, step, best_val, guide)
+            self.save(self.last_path, step, best_val, guide_state)
             tqdm.write(msg)
         self.last_good = step
         self.tic = time.perf_counter()
         return best_val
+
+    def plot_losses(self):
+        """loss.png: the training loss of log.csv (and the validation loss of val.csv) against the step."""
+        series = {}
+        for path, column, label in [(self.log_path, "loss", "training (loss as weighted)"),
+                                    (self.val_path, "val_loss", "validation (unweighted)")]:
+            if os.path.exists(path):
+                with open(path, newline="") as f:
+                    series[label] = [(int(r["step"]), float(r[column])) for r in csv.DictReader(f)]
+        plot = line_plot(series, f"{self.out_dir}: loss against training steps (log.csv, val.csv)", "step",
+                         "loss (log scale)")
+        save_image(plot, os.path.join(self.out_dir, "loss.png"))
 
     def preview(self, path, guide_state):
         """A grid from fixed noise with the EMA weights and the config's sampler (one row per digit

@@ -9,9 +9,12 @@ import gzip
 import hashlib
 import http.server
 import io
+import json
 import os
+import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -240,13 +243,126 @@ def test_verified_files_are_remembered_and_a_changed_one_is_fetched_again(tmp_pa
     assert f"{name}: present but fails its sha256 check, fetching again" in capsys.readouterr().out
 
 
-def test_stale_temporary_files_are_removed(tmp_path):
+def dead_pid():
+    """The pid of a process of this host that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def temporaries(root, age_s=0):
+    """Temporary files in root as each kind of writer leaves them: {file name: should the clean-up remove it}."""
+    name = next(iter(RAW))
+    files = {f"{name}.tmp-{md.HOST}-{dead_pid()}-0a1b2c3d": True,  # a killed process of this host
+             f"{md.STAMPS}.tmp-{md.HOST}-{dead_pid()}-0a1b2c3d": True,  # its stamps, a dot file
+             f"{name}.tmp-{md.HOST}-{os.getpid()}-0a1b2c3d": age_s > md.STALE_S,  # a live one: stale only when old
+             f"{name}.tmp-other-node-{os.getpid()}-0a1b2c3d": age_s > md.STALE_S,  # another host's: by age alone
+             f"{name}.tmp-dead1234": age_s > md.STALE_S}  # a name that says nothing of its writer
+    for f in files:
+        (root / f).write_bytes(b"half a download")
+        os.utime(root / f, (time.time() - age_s,) * 2)
+    return files
+
+
+@pytest.mark.parametrize("age_s", [0, md.STALE_S + 60])
+def test_clean_up_removes_only_the_temporaries_of_writers_that_are_gone(tmp_path, age_s):
     folder = folder_mirror(tmp_path / "mirror", GOOD)
     root = tmp_path / "mnist"
     root.mkdir()
-    (root / f"{next(iter(RAW))}.tmp-dead1234").write_bytes(b"half a download")
+    files = temporaries(root, age_s)
     md.ensure_mnist(root, [folder], TABLE, progress=False)
+    kept = sorted(f for f, stale in files.items() if not stale)
+    assert sorted(os.listdir(root)) == sorted(list(RAW) + [md.STAMPS] + kept)
+
+
+def test_a_download_in_progress_survives_another_process_that_starts(tmp_path):
+    """One process is half way through a download when another fills the folder from a fast mirror:
+    the first one's temporary file is left alone and its download completes."""
+    half_sent, go_on, errors = threading.Event(), threading.Event(), []
+
+    class Pausing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = GOOD[self.path.rsplit("/", 1)[-1]]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:len(body) // 2])
+            self.wfile.flush()
+            half_sent.set()
+            go_on.wait(10)
+            self.wfile.write(body[len(body) // 2:])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pausing)
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+    root = tmp_path / "mnist"
+
+    def slow():
+        try:
+            md.ensure_mnist(root, [f"http://127.0.0.1:{server.server_address[1]}/"], TABLE, progress=False)
+        except Exception as e:  # noqa: BLE001 - reported by the assert below
+            errors.append(e)
+
+    first = threading.Thread(target=slow)
+    first.start()
+    try:
+        assert half_sent.wait(10)
+        md.ensure_mnist(root, [folder_mirror(tmp_path / "mirror", GOOD)], TABLE, progress=False)
+    finally:
+        go_on.set()
+        first.join()
+        server.shutdown()
+        server.server_close()
+    assert errors == []
     assert_good(root)
+
+
+def test_processes_that_write_the_stamps_at_once_do_not_collide(tmp_path, monkeypatch):
+    """Another process verifies the folder and writes its stamps, start to end, while this one is
+    writing its own: both end well, and the stamps file is one of the two, whole."""
+    folder = folder_mirror(tmp_path / "mirror", GOOD)
+    root = tmp_path / "mnist"
+    md.ensure_mnist(root, [folder], TABLE, progress=False)
+    real_dumps, others = json.dumps, []
+
+    def dumps_while_another_finishes(obj, **kwargs):  # called with this process's temporary file open
+        if not others:
+            others.append(1)
+            md.ensure_mnist(root, [folder], TABLE, progress=False)
+        return real_dumps(obj, **kwargs)
+
+    monkeypatch.setattr(md.json, "dumps", dumps_while_another_finishes)
+    md.ensure_mnist(root, [folder], TABLE, progress=False)
+    monkeypatch.undo()
+    assert others and md.ensure_mnist_present(root, [folder], TABLE) is None
+    assert sorted(md._read_stamps(root)) == sorted(RAW)
+    assert_good(root)
+
+
+def test_on_windows_folders_are_not_opened_and_no_process_is_signalled(tmp_path, monkeypatch):
+    """Windows cannot open a folder (os.open raises), and its os.kill would end the process it asks about:
+    downloads there skip the folder flush and judge temporary files by age alone."""
+    folder = folder_mirror(tmp_path / "mirror", GOOD)
+    root = tmp_path / "mnist"
+    root.mkdir()
+    files = temporaries(root)
+    real_open = os.open
+
+    def windows_open(path, flags, *args):
+        if os.path.isdir(path):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *args)
+
+    signalled = []
+    with monkeypatch.context() as m:  # os.name is back before pytest reports a failure
+        m.setattr(md.os, "name", "nt")
+        m.setattr(md.os, "open", windows_open)
+        m.setattr(md.os, "kill", lambda *args: signalled.append(args))
+        md.ensure_mnist(root, [folder], TABLE, progress=False)
+    assert signalled == []
+    assert sorted(os.listdir(root)) == sorted(list(RAW) + [md.STAMPS] + list(files))  # none is old: all kept
 
 
 def test_a_trickling_mirror_hits_the_per_file_deadline(tmp_path, monkeypatch):

@@ -214,42 +214,6 @@ def test_sample_cli_writes_the_digits_generate_gives_and_repeats_them_under_a_se
     assert len(set(np.array(grid).ravel().tolist())) > 2  # digits, not a blank or binary image
 
 
-def test_time_budget_fixes_the_step_count_and_that_count_repeats_the_run(tiny_config, capsys):
-    """A budget picks the step count once, saves it, and trains exactly as a run given that count."""
-    budget = run_dir(tiny_config) + "_budget"
-    train.main(["--config", tiny_config, "--train.time_budget=20s", "--train.eval_every=50", f"--train.out_dir={budget}"])
-    out = capsys.readouterr().out
-    ckpt = torch.load(os.path.join(budget, "last.pt"), weights_only=True)
-    steps = ckpt["config"]["train"]["steps"]
-    assert f"so {steps} steps" in out and steps != load_config(tiny_config)["train"]["steps"]
-    assert ckpt["step"] == steps and load_config(os.path.join(budget, "config.yaml"))["train"]["steps"] == steps
-    rows = list(csv.DictReader(open(os.path.join(budget, "log.csv"))))
-    assert int(rows[-1]["step"]) == steps
-    # the same count, given: the budget is named as not used, and the weights are the same to the bit
-    train.main(["--config", tiny_config, "--train.time_budget=20s", "--train.eval_every=50", f"--train.steps={steps}"])
-    assert "train.time_budget=20s is not used" in capsys.readouterr().out
-    again = torch.load(os.path.join(run_dir(tiny_config), "last.pt"), weights_only=True)
-    for key in ["model", "ema"]:
-        for name, value in ckpt[key].items():
-            assert torch.equal(value, again[key][name]), (key, name)
-
-
-def test_a_budget_too_small_to_calibrate_is_a_clear_error(tiny_config):
-    with pytest.raises(ConfigError, match=r"train.time_budget=0.5s is too small.*ask for more time, or set train.steps"):
-        train.main(["--config", tiny_config, "--train.time_budget=0.5s"])
-
-
-@pytest.mark.parametrize("seconds, step_s, eval_s, eval_every", [(577.0, 0.213, 3.5, 700), (60, 0.05, 0.3, 3),
-                                                                 (1, 0.5, 3, 700), (25, 0.1, 20.0, 50)])
-def test_the_budget_step_count_is_the_largest_that_fits(seconds, step_s, eval_s, eval_every):
-    def cost(n):  # n steps, an evaluation every eval_every of them and one at the end
-        return n * step_s + (n // eval_every + (n % eval_every != 0)) * eval_s
-
-    n = train_util.steps_that_fit(seconds, step_s, eval_s, eval_every)
-    assert cost(n) <= 0.9 * seconds
-    assert all(cost(m) > 0.9 * seconds for m in range(n + 1, n + 2 * eval_every + 2))
-
-
 def test_damaged_or_foreign_checkpoints_are_one_line_errors_that_name_a_good_one(tiny_config, tmp_path):
     train.main(["--config", tiny_config, "--train.steps=3", "--val", "True"])
     out = run_dir(tiny_config)
