@@ -5,7 +5,7 @@
     python sample.py --config config/default.yaml --encode --images 0,1,2,3 --steps 50       # x_T and back
     python sample.py --config config/default.yaml --interpolate 0,1                          # slerp of x_T
     python sample.py --config config/conditional.yaml --every_digit                          # one noise, 0-9
-    python editing.py --ckpt runs/default/last.pt --data data/mnist --num_images 300         # the measurement
+    python evaluate.py --ckpt runs/default/last.pt --inpaint_eval 300                        # the measurement
 
 Images are float (N, C, H, W) in [-1, 1] like MNIST items; a mask `keep` is (C, H, W) or (N, C, H, W),
 1 where a pixel is known and kept, 0 where the model fills it in (RePaint's "gt_keep_mask": in a
@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from configuration import ConfigError
-from fileio import make_grid, save_image
+from fileio import atomic_write, make_grid, save_image
 from linear_noise_scheduler import timestep_list
 from mnist import MNIST, to_float
 from samplers import SAMPLERS, check_sampling, image_seed, predict_eps, randn_per_image, sample_loop
@@ -119,30 +119,51 @@ def model_labels(model, labels, digit=None):
 # Inpainting: RePaint
 # ----------------------------------------------------------------------------
 
-def repaint_schedule(num_steps, jumps=1, resample=1):
-    """Positions along a respaced chain of num_steps steps, RePaint's jump schedule (Lugmayr et al. 2022,
-    sec. 4.2 and their get_schedule_jump): position k is timesteps[k], num_steps the clean image.
-    Every `jumps` steps down, go back up `jumps` steps and down again, resample - 1 times, so every
-    stretch is traversed `resample` times. Consecutive positions differ by +1 (a reverse step) or -1
-    (a forward step). resample = 1 is the plain descent 0, 1, ..., num_steps."""
+# Where a jump back up starts, by schedule: positions p >= jumps of a chain of n steps (so p - jumps >= 0).
+JUMP_POINTS = {
+    # RePaint's (their get_schedule_jump): every `jumps` positions counted back from the last noisy one.
+    "clean_end": lambda n, jumps: range(n - 1, jumps - 1, -jumps),
+    # Counted from the noise instead: the stretch that ends at the clean image is never resampled.
+    "noisy_end": lambda n, jumps: range(jumps, n, jumps),
+}
+
+
+def repaint_schedule(num_steps, jumps=1, resample=1, schedule="clean_end"):
+    """Positions along a respaced chain of num_steps steps with RePaint's jumps back up (Lugmayr et al.
+    2022, sec. 4.2): position k is timesteps[k], num_steps the clean image. Consecutive positions differ
+    by +1 (a reverse step) or -1 (a forward step). The first resample - 1 times the descent reaches a
+    jump point p, it goes back up to p - jumps and down again: the stretch from p - jumps to p is
+    traversed `resample` times, every other step once.
+
+    schedule "clean_end" (the paper's, their get_schedule_jump): the jump points are num_steps - 1,
+    num_steps - 1 - jumps, ... down to jumps, so the stretches nearest the clean image, where the known
+    and the generated region must agree, are resampled. Once only: the first (num_steps - 1) % jumps
+    steps from the noise, and the final step to the clean image, which adds no noise (their Algorithm 1
+    does not resample at t = 1 either). "noisy_end": the jump points are jumps, 2 jumps, ... below
+    num_steps; the 1 to `jumps` steps ending at the clean image are taken once.
+    Either way there are (num_steps - 1) // jumps jump points; resample = 1 is the plain descent
+    0, 1, ..., num_steps, and jumps = 1 resamples every step but the last."""
+    if schedule not in JUMP_POINTS:
+        raise ConfigError(f"unknown RePaint schedule {schedule!r}: use one of {', '.join(JUMP_POINTS)}")
     if jumps < 1 or resample < 1:
         raise ConfigError(f"--jumps and --resample must be >= 1, got {jumps} and {resample}")
     if resample > 1 and jumps >= num_steps:
         raise ConfigError(f"--jumps {jumps} must be below the number of steps ({num_steps}) to resample at all")
-    path, done, pos = [0], {}, 0
-    while pos < num_steps:
-        pos += 1
+    left = {p: resample - 1 for p in JUMP_POINTS[schedule](num_steps, jumps)}
+    path = [0]
+    while path[-1] < num_steps:
+        pos = path[-1] + 1
         path.append(pos)
-        if pos < num_steps and pos % jumps == 0 and done.get(pos, 0) < resample - 1:
-            done[pos] = done.get(pos, 0) + 1
-            path += list(range(pos - 1, pos - jumps - 1, -1))
-            pos -= jumps
+        if left.get(pos, 0):
+            left[pos] -= 1
+            path += range(pos - 1, pos - jumps - 1, -1)
     return path
 
 
-def network_steps(num_steps, jumps=1, resample=1):
-    """Reverse steps (network evaluations, without guidance) of a RePaint schedule."""
-    path = repaint_schedule(num_steps, jumps, resample)
+def network_steps(num_steps, jumps=1, resample=1, schedule="clean_end"):
+    """Reverse steps (network evaluations, without guidance) of a RePaint schedule:
+    num_steps + (resample - 1) * jumps * ((num_steps - 1) // jumps) when resampling."""
+    path = repaint_schedule(num_steps, jumps, resample, schedule)
     return sum(b > a for a, b in zip(path, path[1:]))
 
 
@@ -156,19 +177,19 @@ def forward_step(scheduler, x, t_from, t_to, noise):
 
 
 def repaint(model, scheduler, x0, keep, timesteps, sampler="ddpm", noise=None, eta=0.0, labels=None, guidance=1.0,
-            guide=None, autoguidance=1.0, jumps=1, resample=1):
+            guide=None, autoguidance=1.0, jumps=1, resample=1, schedule="clean_end"):
     """RePaint (Lugmayr et al. 2022, Algorithm 1) on a respaced chain: inpaint x0 (B, C, H, W) where
     keep (broadcastable to x0) is 0. At every step the known region is x0 forward-noised to the step's
     timestep, q(x_{t_prev} | x_0), the unknown region the model's reverse step from x_t; with
-    resample > 1, the jumps of repaint_schedule (a forward step up, with fresh noise) let the two
-    regions harmonise. noise() draws (B, C, H, W) from each image's own generator. Returns the
+    resample > 1, the jumps of repaint_schedule (`schedule`: a forward step up, with fresh noise) let
+    the two regions harmonise. noise() draws (B, C, H, W) from each image's own generator. Returns the
     inpainted batch (B, C, H, W), its known pixels exactly those of x0."""
     check_resampling(sampler, resample)
     known = keep.expand_as(x0) > 0.5
     ts = list(timesteps) + [-1]  # ts[k]: the timestep of position k; the last one is the clean image
     step, state = SAMPLERS[sampler], {}
     x = torch.where(known, scheduler.add_noise(x0, noise(), ts[0]), noise())
-    path = repaint_schedule(len(timesteps), jumps, resample)
+    path = repaint_schedule(len(timesteps), jumps, resample, schedule)
     for a, b in zip(path, path[1:]):
         t, t_next = ts[a], ts[b]
         if b < a:  # back up the chain: only forward noise, no network
@@ -196,11 +217,12 @@ def completion_generators(seed, indices, completions):
 
 @torch.inference_mode()
 def inpaint(model, scheduler, images, keep, *, completions=1, seed=0, sampler="ddpm", steps=0, eta=0.0,
-            jumps=1, resample=1, labels=None, guidance=1.0, guide=None, autoguidance=1.0, batch_size=256,
-            device="cpu", progress=True, first_index=0):
+            jumps=1, resample=1, schedule="clean_end", labels=None, guidance=1.0, guide=None, autoguidance=1.0,
+            batch_size=256, device="cpu", progress=True, first_index=0):
     """`completions` RePaint completions of each of images (N, C, H, W) in [-1, 1] with the mask keep
-    ((C, H, W) or (N, C, H, W)); labels (N,) for a conditional model. Returns (N, completions, C, H, W)
-    on the CPU. Completion c of image i (counted from first_index) depends only on (seed, i, c)."""
+    ((C, H, W) or (N, C, H, W)); labels (N,) for a conditional model; jumps, resample and schedule as
+    repaint_schedule. Returns (N, completions, C, H, W) on the CPU. Completion c of image i (counted
+    from first_index) depends only on (seed, i, c)."""
     check_sampling(model, sampler, labels, guidance, guide, autoguidance)
     check_resampling(sampler, resample)
     n, shape = len(images), images.shape[1:]
@@ -219,7 +241,7 @@ def inpaint(model, scheduler, images, keep, *, completions=1, seed=0, sampler="d
         out.append(repaint(model, scheduler, x0[part].to(device), keep[part].to(device), ts, sampler,
                            lambda: randn_per_image(gens, shape, device), eta,
                            None if y is None else y[part].to(device), guidance, guide, autoguidance,
-                           jumps, resample).cpu())
+                           jumps, resample, schedule).cpu())
         bar.update(len(x0[part]))
     bar.close()
     return torch.cat(out).reshape(n, completions, *shape)
@@ -331,7 +353,7 @@ def round_trip_error(images, decoded):
 
 MODES = ["inpaint", "encode", "interpolate", "every_digit"]
 MODE_FLAGS = {"mask": "inpaint", "completions": "inpaint", "jumps": "inpaint", "resample": "inpaint",
-              "frames": "interpolate"}
+              "repaint_schedule": "inpaint", "frames": "interpolate"}
 
 
 def on(labels, device):
@@ -379,19 +401,22 @@ def run(args, model, scheduler, s, steps, guide, device, ckpt_path, data_root):
         keep = make_mask(mask, size, model.in_channels, s["seed"])
         y = on(model_labels(model, labels, args.digit), device)
         c, j, r = args.completions or 4, args.jumps or 1, args.resample or 1
+        schedule = args.repaint_schedule or "clean_end"
         if c < 1:
             raise ConfigError(f"--completions must be >= 1, got {c}")
         out = inpaint(model, scheduler, images, keep, completions=c, seed=s["seed"], sampler=s["sampler"],
-                      steps=steps, eta=s["eta"], jumps=j, resample=r, labels=y, batch_size=s["batch_size"],
-                      device=device, **kw)
+                      steps=steps, eta=s["eta"], jumps=j, resample=r, schedule=schedule, labels=y,
+                      batch_size=s["batch_size"], device=device, **kw)
         rows = torch.cat([images[:, None], masked_view(images, keep)[:, None], out], 1)
         name = os.path.splitext(os.path.basename(mask))[0].replace(":", "")
-        tag = f"inpaint_{name}_{s['sampler']}_{steps}".replace("+", "p") + (f"_j{j}r{r}" if r > 1 else "") + ag
+        jumped = (f"_j{j}r{r}" + ("" if schedule == "clean_end" else f"_{schedule}")) if r > 1 else ""
+        tag = f"inpaint_{name}_{s['sampler']}_{steps}".replace("+", "p") + jumped + ag
         tag += f"_digit{args.digit}" if args.digit is not None else ""
         path = args.out or os.path.join(folder, f"{tag}.png")
         save_image(make_grid(rows.flatten(0, 1), nrow=2 + c), path)
         print(f"{len(images)} images x {c} completions (RePaint, mask {mask}, {s['sampler']} {steps} steps"
-              f"{f', jumps {j} resample {r}' if r > 1 else ''}): {path}  (per row: original, input, completions)")
+              f"{f', jumps {j} resample {r} ({schedule})' if r > 1 else ''}): {path}  "
+              "(per row: original, input, completions)")
         return out
 
     if mode == "every_digit":
@@ -422,7 +447,8 @@ def run(args, model, scheduler, s, steps, guide, device, ckpt_path, data_root):
         mean, worst = round_trip_error(images, decoded)
         base = args.out or os.path.join(folder, f"encode_ddim_{steps}{ag}.png")
         save_image(make_grid(torch.stack([images, x_T.cpu(), decoded], 1).flatten(0, 1), nrow=3), base)
-        torch.save({"x_T": x_T.cpu(), "timesteps": ts, "labels": labels}, os.path.splitext(base)[0] + "_latents.pt")
+        latents = {"x_T": x_T.cpu(), "timesteps": ts, "labels": labels}
+        atomic_write(os.path.splitext(base)[0] + "_latents.pt", lambda f: torch.save(latents, f))
         print(f"{len(images)} images encoded to x_T by DDIM inversion ({steps} steps) and decoded back: {base} "
               f"(per row: original, x_T, decoded); x_T in {os.path.splitext(base)[0]}_latents.pt")
         print(f"round trip: mean abs pixel error {mean:.4f}, max {worst:.4f} (pixels in [-1, 1]; "

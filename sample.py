@@ -80,8 +80,11 @@ def parse_args(argv):
                                   "(white = keep, black = fill) (default: bottom)")
     e.add_argument("--completions", type=int, help="completions per image (default: 4)")
     e.add_argument("--jumps", type=int, help="RePaint's j: go back up j steps at a time (default: 1)")
-    e.add_argument("--resample", type=int, help="RePaint's r: traverse every stretch r times, r > 1 needs "
-                                                "--sampler ddpm (default: 1, no resampling)")
+    e.add_argument("--resample", type=int, help="RePaint's r: traverse each resampled stretch r times, r > 1 "
+                                                "needs --sampler ddpm (default: 1, no resampling)")
+    e.add_argument("--repaint_schedule", choices=list(editing.JUMP_POINTS),
+                   help="where RePaint's jumps are counted from: clean_end resamples the stretches nearest the "
+                        "clean image, as the paper; noisy_end those nearest the noise (default: clean_end)")
     e.add_argument("--frames", type=int, help="--interpolate: points along the slerp (default: 8)")
     return p.parse_args(argv)
 

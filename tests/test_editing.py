@@ -11,6 +11,7 @@ from torch import nn
 import editing
 import sample
 import train
+from conftest import randomised
 from configuration import ConfigError, load_config, run_cli
 from fileio import build
 from linear_noise_scheduler import LinearNoiseScheduler, timestep_list
@@ -21,7 +22,7 @@ def tiny_model(tiny_config, *overrides):
     cfg = load_config(tiny_config, list(overrides))
     torch.manual_seed(0)
     model, scheduler = build(cfg)
-    return model.eval(), scheduler
+    return randomised(model).eval(), scheduler
 
 
 class ExactEps(nn.Module):
@@ -50,6 +51,23 @@ class GaussianEps(nn.Module):
         return (1 - a).sqrt() * x / (a * self.var + 1 - a)
 
 
+class TwoPointEps(nn.Module):
+    """The exact eps of data that is +a v or -a v, equally likely (v a fixed pattern of +-1):
+    p(+ | x_t) / p(- | x_t) = exp(2 sqrt(abar) a <v, x_t> / (1 - abar)), so
+    E[x_0 | x_t] = a v tanh(sqrt(abar) a <v, x_t> / (1 - abar)) and eps = (x_t - sqrt(abar) E[x_0 | x_t]) / sqrt(1 - abar)."""
+    num_classes = 0
+
+    def __init__(self, scheduler, v, a):
+        super().__init__()
+        self.scheduler, self.v, self.a = scheduler, v, a
+
+    def forward(self, x, t, y=None):
+        abar = self.scheduler._abar(t, x)
+        dot = (x * self.v).flatten(1).sum(1).reshape(-1, 1, 1, 1)
+        x0 = self.a * self.v * torch.tanh(abar.sqrt() * self.a * dot / (1 - abar))
+        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+
 # ---------------------------------------------------------------- inpainting
 
 @pytest.mark.parametrize("sampler,jumps,resample", [("ddpm", 1, 1), ("ddpm", 2, 3), ("ddim", 1, 1),
@@ -72,47 +90,134 @@ def test_known_region_is_preserved_exactly(tiny_config, sampler, jumps, resample
     assert torch.allclose(again[0], out[1], atol=1e-5)  # up to the network's batch-size-dependent rounding
 
 
-def test_masks_and_resampling_schedule():
+@pytest.mark.parametrize("sampler,jumps,resample", [("ddpm", 1, 1), ("ddpm", 5, 3), ("ddim", 1, 1)])
+def test_repaint_completes_the_mixture_component_that_the_known_half_shows(sampler, jumps, resample):
+    """Data +a v or -a v with their exact eps: given the top half of one, RePaint fills the bottom with the
+    same one; with nothing known (all that is left without the injection of q(x_t | x_0) into the known
+    region) it draws either, about half the time each."""
+    scheduler = LinearNoiseScheduler()
+    v = torch.randint(0, 2, (1, 8, 8), generator=torch.Generator().manual_seed(0)).float() * 2 - 1
+    model, images = TwoPointEps(scheduler, v, 0.8), torch.stack([0.8 * v, -0.8 * v])
+    kw = dict(completions=24, sampler=sampler, steps=20, jumps=jumps, resample=resample, progress=False)
+    hole = editing.make_mask("bottom", 8)[0] < 0.5
+    plus = {}
+    for known in ["bottom", "none"]:
+        keep = editing.make_mask(known, 8) if known != "none" else torch.zeros(1, 8, 8)
+        out = editing.inpaint(model, scheduler, images, keep, **kw)[..., hole]  # (2, 24, 1, 32)
+        assert torch.allclose(out.abs(), torch.full_like(out, 0.8), atol=0.01)  # one of the two points
+        plus[known] = (out * v[..., hole]).sum(-1)[..., 0] > 0  # (2, 24): filled with +a v
+    agrees = plus["bottom"][0].sum() + (~plus["bottom"][1]).sum()
+    assert agrees >= 45, agrees  # of 48
+    assert 12 <= plus["none"].sum() <= 36, plus["none"].sum()
+
+
+SCHEDULE_GRID = [(n, j, r) for n in [1, 2, 5, 6, 10, 25] for j in [1, 2, 3, 5] for r in [1, 2, 3] if r == 1 or j < n]
+
+
+def papers_schedule(n, jumps, resample):
+    """RePaint's schedule (Lugmayr et al. 2022, sec. 4.2) restated by stretches: the last noisy
+    position n - 1, and every `jumps` positions before it down to `jumps`, ends a stretch of `jumps`
+    steps, walked down, back up and down again until walked down `resample` times; the steps before
+    the first stretch and the final step to the clean image n are walked once."""
+    stretches = (n - 1) // jumps if resample > 1 else 0
+    first = n - 1 - stretches * jumps
+    path = list(range(first + 1))
+    for s in range(first, n - 1, jumps):
+        down, up = list(range(s + 1, s + jumps + 1)), list(range(s + jumps - 1, s - 1, -1))
+        path += (down + up) * (resample - 1) + down
+    return path + [n]
+
+
+def algorithm_1(n, resample):
+    """The paper's Algorithm 1 (jumps of one step) in positions (paper step t is position n - t): for
+    t = T..1, U reverse steps to t - 1, each but the last followed by a forward step back to t, except
+    at t = 1, whose U passes repeat one noise-free step."""
+    path = [0]
+    for t in range(n, 0, -1):
+        for u in range(1, (resample if t > 1 else 1) + 1):
+            path.append(n - t + 1)
+            if u < resample and t > 1:
+                path.append(n - t)
+    return path
+
+
+def test_masks():
     keep = editing.make_mask("bottom")
     assert keep.shape == (1, 28, 28) and keep[:, :14].eq(1).all() and keep[:, 14:].eq(0).all()
     assert editing.make_mask("left")[:, :, :14].eq(0).all() and editing.make_mask("left")[:, :, 14:].eq(1).all()
     assert editing.make_mask("center").sum() == 28 * 28 - 14 * 14
     assert abs(editing.make_mask("random:0.8", seed=0).mean().item() - 0.2) < 0.05
+
+
+def test_repaint_schedule_is_the_papers():
     assert editing.repaint_schedule(4) == [0, 1, 2, 3, 4]
-    # Every j = 2 steps, back up 2 and down again, r - 1 = 1 more time: each stretch twice.
-    assert editing.repaint_schedule(5, 2, 2) == [0, 1, 2, 1, 0, 1, 2, 3, 4, 3, 2, 3, 4, 5]
-    path = editing.repaint_schedule(25, 5, 3)
-    assert all(abs(b - a) == 1 for a, b in zip(path, path[1:])) and path[-1] == 25
-    assert editing.network_steps(25, 5, 3) == 25 + 2 * 5 * 4
+    # Jump points 5 and 3 (counted back from the last noisy position, 5): the stretches 3-5 and 1-3 twice.
+    assert editing.repaint_schedule(6, 2, 2) == [0, 1, 2, 3, 2, 1, 2, 3, 4, 5, 4, 3, 4, 5, 6]
+    for n, j, r in SCHEDULE_GRID:
+        path = editing.repaint_schedule(n, j, r)
+        assert path == papers_schedule(n, j, r), (n, j, r)
+        if j == 1:
+            assert path == algorithm_1(n, r), (n, r)
 
 
-def test_forward_step_has_the_marginals_of_q():
-    """Down-stepping from t to t_prev and back up by forward_step keeps q(x_t | x_0) = N(sqrt(abar) x0, 1 - abar)."""
+@pytest.mark.parametrize("schedule", ["clean_end", "noisy_end"])
+def test_repaint_schedule_walks_each_resampled_step_resample_times(schedule):
+    for n, j, r in SCHEDULE_GRID:
+        path = editing.repaint_schedule(n, j, r, schedule)
+        assert path[0] == 0 and path[-1] == n and min(path) == 0 and max(path) == n
+        assert all(abs(b - a) == 1 for a, b in zip(path, path[1:]))
+        stretches = (n - 1) // j if r > 1 else 0
+        # The resampled steps k -> k + 1: next to the clean end (all but the final step), or to the noise.
+        resampled = range(n - 1 - stretches * j, n - 1) if schedule == "clean_end" else range(stretches * j)
+        down = [a for a, b in zip(path, path[1:]) if b == a + 1]
+        assert all(down.count(k) == (r if k in resampled else 1) for k in range(n)), (n, j, r)
+        assert editing.network_steps(n, j, r, schedule) == len(down) == n + (r - 1) * j * stretches
+
+
+def test_noisy_end_schedule_resamples_the_stretches_next_to_the_noise():
+    assert editing.repaint_schedule(5, 2, 2, "noisy_end") == [0, 1, 2, 1, 0, 1, 2, 3, 4, 3, 2, 3, 4, 5]
+    assert editing.repaint_schedule(6, 2, 2, "noisy_end") == [0, 1, 2, 1, 0, 1, 2, 3, 4, 3, 2, 3, 4, 5, 6]
+
+
+def test_forward_step_draws_from_q_of_the_later_timestep_given_the_earlier():
+    """From a known x at t_from: x_to ~ N(sqrt(abar_to / abar_from) x, 1 - abar_to / abar_from). At
+    t_from = 300 that is far from sqrt(abar_to) x, what noising x as if it were clean would give."""
     scheduler = LinearNoiseScheduler()
-    x0 = torch.full((20000, 1, 1, 1), 0.5)
-    x_lo = scheduler.add_noise(x0, torch.randn_like(x0), 300)
-    x_hi = editing.forward_step(scheduler, x_lo, 300, 700, torch.randn_like(x0))
-    a = scheduler.alpha_bars[700].item()
-    assert abs(x_hi.mean().item() - math.sqrt(a) * 0.5) < 0.02
-    assert abs(x_hi.var().item() - (1 - a)) < 0.02
-
+    n = 40000
+    x = torch.tensor([-1.5, -0.5, 0.0, 0.7, 2.0]).repeat(n, 1).reshape(n, 1, 1, 5)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    for t_from, t_to in [(-1, 200), (300, 500), (50, 51)]:
+        ratio = (scheduler.alpha_bars[t_to] / (1.0 if t_from == -1 else scheduler.alpha_bars[t_from])).item()
+        x_to = editing.forward_step(scheduler, x, t_from, t_to, noise)
+        mean, var = x_to.mean(0).flatten(), x_to.var(0).flatten()
+        se = math.sqrt((1 - ratio) / n)  # of the mean; that of the variance is (1 - ratio) sqrt(2 / n)
+        assert torch.allclose(mean, math.sqrt(ratio) * x[0].flatten(), rtol=0, atol=5 * se), (t_from, mean)
+        assert torch.allclose(var, torch.full_like(var, 1 - ratio), rtol=5 * math.sqrt(2 / n), atol=0), (t_from, var)
 
 # ---------------------------------------------------------------- encoding, interpolation
 
 def test_ddim_inversion_of_a_single_data_point_is_exact():
+    """Data that is one point x0: its exact eps is constant along the ODE, so the encoding is
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) e at every t, e the eps at (x0, timesteps[-1]),
+    (1 - sqrt(abar)) x0 / sqrt(1 - abar). (Decoding cannot check it: this model's x0 prediction is x0
+    from anywhere.) In float64, so that 1 - sqrt(abar) ~ 5e-5 keeps its digits; the coefficients are
+    the scheduler's float32 ones."""
     scheduler = LinearNoiseScheduler()
-    x0 = torch.rand(3, 1, 6, 6, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8
+    x0 = (torch.rand(3, 1, 6, 6, generator=torch.Generator().manual_seed(0)) * 1.6 - 0.8).double()
     model = ExactEps(scheduler, x0)
     ts = timestep_list(1000, 20)
     x_T, path = editing.ddim_encode(model, scheduler, x0, ts, return_path=True)
     assert len(path) == len(ts) and path[-1] is x_T
-    # Every x_t lies on the line sqrt(abar_t) x0 + sqrt(1 - abar_t) e of one e: the first step's eps.
-    e = model(x0, torch.full((3,), ts[-1]))
+
+    def coefs(t):
+        a = scheduler.alpha_bars[t]
+        return a.sqrt().double(), (1 - a).sqrt().double()
+
+    c0, c1 = coefs(ts[-1])
+    e = (1 - c0) * x0 / c1
     for t, x_t in zip(reversed(ts), path):
-        a = scheduler.alpha_bars[t].double()
-        e_t = (x_t.double() - a.sqrt() * x0.double()) / (1 - a).sqrt()  # the eps that puts x_t on the line
-        assert torch.allclose(e_t, e.double(), rtol=1e-2, atol=1e-5), t
-    assert torch.allclose(editing.ddim_decode(model, scheduler, x_T, ts), x0, atol=1e-5)
+        c0, c1 = coefs(t)
+        assert torch.allclose(x_t, c0 * x0 + c1 * e, rtol=0, atol=1e-12), t
 
 
 def test_ddim_round_trip_of_gaussian_data_improves_with_steps():
@@ -176,7 +281,8 @@ def test_bad_inputs_are_one_line_config_errors(tiny_config, tmp_path, mnist_root
              (lambda: editing.make_mask("random:lots"), "random:P"),
              (lambda: editing.load_images("0,64", mnist_root), "image index 64 is out of range"),
              (lambda: editing.load_images(str(tmp_path / "big.png"), mnist_root), "32x32"),
-             (lambda: editing.repaint_schedule(10, 10, 2), "--jumps 10")]
+             (lambda: editing.repaint_schedule(10, 10, 2), "--jumps 10"),
+             (lambda: editing.repaint_schedule(10, 2, 2, "middle"), "unknown RePaint schedule 'middle'")]
     for call, message in cases:
         with pytest.raises(ConfigError, match=message) as err:
             call()
@@ -193,6 +299,7 @@ def test_bad_inputs_are_one_line_config_errors(tiny_config, tmp_path, mnist_root
            (["--encode", "--eta", "0.5"], "deterministic DDIM"),
            (["--inpaint", "--sampler", "ddim", "--resample", "2", "--jumps", "1"], "needs the stochastic ddpm"),
            (["--encode", "--mask", "top"], "--mask belongs to --inpaint"),
+           (["--encode", "--repaint_schedule", "noisy_end"], "--repaint_schedule belongs to --inpaint"),
            (["--interpolate", "0,1", "--digit", "3"], "--digit applies to --inpaint and --encode"),
            (["--inpaint", "--encode"], "pick one")]
     for flags, message in cli:
@@ -205,7 +312,7 @@ def test_bad_inputs_are_one_line_config_errors(tiny_config, tmp_path, mnist_root
 
 # ---------------------------------------------------------------- the command line
 
-def test_inpaint_cli_end_to_end(tiny_config, tmp_path, mnist_root, capsys):
+def test_inpaint_cli_end_to_end(tiny_config, tmp_path, mnist_root, capsys, monkeypatch):
     train.main(["--config", tiny_config])
     out = tmp_path / "inpaint.png"
     sample.main(["--config", tiny_config, "--data", mnist_root, "--inpaint", "--images", "0,5,7", "--mask", "bottom",
@@ -225,6 +332,12 @@ def test_inpaint_cli_end_to_end(tiny_config, tmp_path, mnist_root, capsys):
         for c in cells[2:]:  # completions: the known half exactly the input's, the other half drawn
             assert np.array_equal(c[:14], truth[:14]) and not np.array_equal(c[14:], truth[14:])
         assert not np.array_equal(cells[2][14:], cells[3][14:])
+    # --repaint_schedule reaches the schedule
+    asked, real = [], editing.repaint_schedule
+    monkeypatch.setattr(editing, "repaint_schedule", lambda *a: asked.append(a) or real(*a))
+    sample.main(["--config", tiny_config, "--data", mnist_root, "--inpaint", "--images", "0", "--sampler", "ddpm",
+                 "--jumps", "2", "--resample", "2", "--repaint_schedule", "noisy_end", "--out", str(out)])
+    assert asked == [(20, 2, 2, "noisy_end")]
 
 
 def test_encode_interpolate_every_digit_cli(tiny_config, tmp_path, mnist_root, capsys):
