@@ -10,7 +10,7 @@
 Images are float (N, C, H, W) in [-1, 1] like MNIST items; a mask `keep` is (C, H, W) or (N, C, H, W),
 1 where a pixel is known and kept, 0 where the model fills it in (RePaint's "gt_keep_mask": in a
 PNG mask white is kept, black is filled). Every method runs on the reverse steps of samplers.py
-(SAMPLERS, predict_eps, so with classifier-free guidance or autoguidance) and on the scheduler's
+(SAMPLERS, model_eps, so with classifier-free guidance or autoguidance) and on the scheduler's
 q(x_t | x_0); nothing here re-implements a step. Completion c of image i depends only on
 (seed, i, c), never on the batch.
 """
@@ -25,7 +25,7 @@ from configuration import ConfigError
 from fileio import atomic_write, make_grid, save_image
 from linear_noise_scheduler import timestep_list
 from mnist import MNIST, to_float
-from samplers import SAMPLERS, check_sampling, image_seed, predict_eps, randn_per_image, sample_loop
+from samplers import SAMPLERS, check_sampling, image_seed, model_eps, randn_per_image, sample_loop
 
 MASKS = ["top", "bottom", "left", "right", "center", "random"]  # the region to fill in
 
@@ -195,7 +195,7 @@ def repaint(model, scheduler, x0, keep, timesteps, sampler="ddpm", noise=None, e
         if b < a:  # back up the chain: only forward noise, no network
             x = forward_step(scheduler, x, t, t_next, noise())
             continue
-        eps = predict_eps(model, x, t, labels, guidance, guide, autoguidance)
+        eps = model_eps(model, scheduler, x, t, labels, guidance, guide, autoguidance)
         x0_pred = scheduler.predict_x0(x, eps, t).clamp(-1.0, 1.0)
         unknown = step(scheduler, x, x0_pred, t, t_next, noise, state, eta)
         x = torch.where(known, x0 if t_next == -1 else scheduler.add_noise(x0, noise(), t_next), unknown)
@@ -270,11 +270,11 @@ def ddim_encode(model, scheduler, x0, timesteps, labels=None, guidance=1.0, guid
     x, t_prev, path = x0, -1, []
     for t in reversed(list(timesteps)):
         if t_prev == -1:
-            x0_pred, eps = x0, predict_eps(model, x0, t, labels, guidance, guide, autoguidance)
+            x0_pred, eps = x0, model_eps(model, scheduler, x0, t, labels, guidance, guide, autoguidance)
         else:
-            eps = predict_eps(model, x, t_prev, labels, guidance, guide, autoguidance)
+            eps = model_eps(model, scheduler, x, t_prev, labels, guidance, guide, autoguidance)
             x0_pred = scheduler.predict_x0(x, eps, t_prev).clamp(-1.0, 1.0)
-            eps = scheduler.predict_eps(x, x0_pred, t_prev)  # the eps consistent with the clipped x0, as ddim_step
+            eps = scheduler.eps_from_x0(x, x0_pred, t_prev)  # the eps consistent with the clipped x0, as ddim_step
         x = scheduler.add_noise(x0_pred, eps, t)  # DDIM eq. 12 with eta = 0, from t_prev up to t
         path.append(x)
         t_prev = t

@@ -7,7 +7,7 @@ Notation (Ho et al. 2020 = "DDPM", Song et al. 2021 = "DDIM", Lu et al. 2022 = "
     alphas[t]            alpha_t = 1 - beta_t            DDPM eq. 4
     alpha_bars[t]        abar_t = prod_{s<=t} alpha_s    DDPM eq. 4
     posterior_variance   beta~_t                         DDPM eq. 7
-    lambda_(t)           log(sqrt(abar_t)/sqrt(1-abar_t))  DPM-Solver++ (half log-SNR)
+    _half_log_snr64(a)   lambda_t = log(sqrt(abar_t)/sqrt(1-abar_t))  DPM-Solver++ (half log-SNR)
 
 Convention for t: 0-based, t in {0, ..., T-1}; index t here is step t+1 of the
 paper. x_0 is the data. "t_prev = -1" means the clean data itself (abar = 1),
@@ -76,7 +76,7 @@ class LinearNoiseScheduler(nn.Module):
         a = self._abar(t, x_t)
         return (x_t - (1.0 - a).sqrt() * eps) / a.sqrt()
 
-    def predict_eps(self, x_t, x0, t):
+    def eps_from_x0(self, x_t, x0, t):
         """eps from x_0, the other way round of predict_x0."""
         a = self._abar(t, x_t)
         return (x_t - a.sqrt() * x0) / (1.0 - a).sqrt()
@@ -148,7 +148,7 @@ class LinearNoiseScheduler(nn.Module):
         a_t, a_prev = self._abar64(t, x_t), self._abar64(t_prev, x_t)
         sigma = self._ddim_sigma64(a_t, a_prev, eta)
         c0, ce, sigma = self._to(x_t, a_prev.sqrt(), (1.0 - a_prev - sigma**2).clamp(min=0.0).sqrt(), sigma)
-        x_prev = c0 * x0 + ce * self.predict_eps(x_t, x0, t)
+        x_prev = c0 * x0 + ce * self.eps_from_x0(x_t, x0, t)
         return x_prev if eta == 0 else x_prev + sigma * noise
 
     def _half_log_snr64(self, a):

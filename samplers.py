@@ -1,7 +1,7 @@
 """The sampling loop: from noise x_T to images, with any of the three samplers, guided or not.
 
     for t, t_prev in timesteps:                              # timestep_list, trailing from T-1 to 0
-        eps = predict_eps(model, x_t, t, ...)                # guided eps: classifier-free or autoguidance
+        eps = model_eps(model, scheduler, x_t, t, ...)       # guided eps: classifier-free or autoguidance
         x0 = scheduler.predict_x0(x_t, eps, t).clamp(-1, 1)  # once per step
         x_t = SAMPLERS[name](scheduler, x_t, x0, t, t_prev, noise, state, eta)
 
@@ -39,13 +39,20 @@ def dpm_solver_pp(scheduler, x, x0, t, t_prev, noise, state, eta):
 SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpm++": dpm_solver_pp}
 
 
-def predict_eps(model, x, t, labels=None, guidance=1.0, guide=None, autoguidance=1.0):
-    """eps_theta(x, t) at the int timestep t. For a conditional model with labels, the
-    classifier-free-guided eps, both branches evaluated in one batched network call. With a
+def model_eps(model, scheduler, x, t, labels=None, guidance=1.0, guide=None, autoguidance=1.0):
+    """eps_theta(x, t) at the int timestep t, guided as guided_output says, whatever the network
+    predicts (diffusion.prediction: eps, or v converted to eps)."""
+    return scheduler.eps_from_output(guided_output(model, x, t, labels, guidance, guide, autoguidance), x, t)
+
+
+def guided_output(model, x, t, labels=None, guidance=1.0, guide=None, autoguidance=1.0):
+    """The network's output (eps or v) at the int timestep t. For a conditional model with labels,
+    the classifier-free-guided output, both branches evaluated in one batched network call. With a
     guide (an early, weaker snapshot of the same model), the autoguided eps of Karras et al.
     2024, "Guiding a diffusion model with a bad version of itself": the guide's eps pushed
     towards the model's, eps_g + w (eps - eps_g), which steers samples away from the guide's
-    errors; it costs a second network evaluation."""
+    errors; it costs a second network evaluation. Both mixes are linear, and eps is linear in v
+    at fixed x and t, so mixing v outputs mixes the eps they stand for."""
     tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
     if guide is not None and autoguidance != 1.0:
         return guided_eps(model(x, tt, labels), guide(x, tt, labels), autoguidance)
@@ -73,7 +80,7 @@ def sample_loop(model, scheduler, x, timesteps, sampler, noise, eta=0.0, labels=
     The last x_prev is the sample."""
     step, state = SAMPLERS[sampler], {}
     for t, t_prev in zip(timesteps, timesteps[1:] + [-1]):
-        eps = scheduler.eps_from_output(predict_eps(model, x, t, labels, guidance, guide, autoguidance), x, t)
+        eps = model_eps(model, scheduler, x, t, labels, guidance, guide, autoguidance)
         x0 = scheduler.predict_x0(x, eps, t).clamp(-1.0, 1.0)
         x_prev = step(scheduler, x, x0, t, t_prev, noise, state, eta)
         yield x, x0, x_prev

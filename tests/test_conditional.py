@@ -13,7 +13,7 @@ from conftest import randomised
 from configuration import ConfigError, load_config
 from fileio import build
 from linear_noise_scheduler import guided_eps
-from samplers import generate, predict_eps
+from samplers import generate, guided_output
 
 
 def test_guidance_weights_one_and_zero():
@@ -36,13 +36,13 @@ def test_guided_prediction_uses_one_batched_call(tiny_config):
     model.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
     x, y = torch.randn(4, 1, 28, 28), torch.tensor([7, 7, 1, 0])
     with torch.no_grad():
-        eps_w = predict_eps(model, x, 5, y, 2.5)
+        eps_w = guided_output(model, x, 5, y, 2.5)
         t = torch.full((4,), 5)
         eps_c, eps_u = model(x, t, y), model(x, t, torch.full_like(y, 10))
     assert calls[0] == 8  # both branches in one call of twice the batch
     assert torch.allclose(eps_w, eps_u + 2.5 * (eps_c - eps_u), atol=1e-5)
-    assert torch.allclose(predict_eps(model, x, 5, y, 1.0), eps_c, atol=1e-6)
-    assert torch.allclose(predict_eps(model, x, 5, y, 0.0), eps_u, atol=1e-5)
+    assert torch.allclose(guided_output(model, x, 5, y, 1.0), eps_c, atol=1e-6)
+    assert torch.allclose(guided_output(model, x, 5, y, 0.0), eps_u, atol=1e-5)
     assert not torch.allclose(eps_c, eps_u)  # the label actually reaches the output
 
 

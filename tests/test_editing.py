@@ -35,7 +35,7 @@ class ExactEps(nn.Module):
         self.scheduler, self.x0 = scheduler, x0
 
     def forward(self, x, t, y=None):
-        return self.scheduler.predict_eps(x, self.x0, t)
+        return self.scheduler.eps_from_x0(x, self.x0, t)
 
 
 class GaussianEps(nn.Module):

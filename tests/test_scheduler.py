@@ -43,7 +43,7 @@ def test_add_noise_then_predict_x0_returns_x0(sched):
     t = torch.tensor([0, 1, 10, 100, 400, 700, 900, 999])
     x_t = sched.add_noise(x0, noise, t)
     assert torch.allclose(sched.predict_x0(x_t, noise, t), x0, atol=2e-3)
-    assert torch.allclose(sched.predict_eps(x_t, x0, t), noise, atol=1e-4)
+    assert torch.allclose(sched.eps_from_x0(x_t, x0, t), noise, atol=1e-4)
 
 
 def test_batched_t_equals_one_t_at_a_time(sched):
@@ -87,7 +87,7 @@ def test_ddim_eta_1_matches_ddpm_mean_and_variance(sched):
 
 def perfect_predictor(sched, x0):
     """The exact eps for data that is the single point x0: eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
-    return lambda x_t, t: sched.predict_eps(x_t, x0.expand_as(x_t), t)
+    return lambda x_t, t: sched.eps_from_x0(x_t, x0.expand_as(x_t), t)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 7, 50, 1000])
@@ -249,7 +249,7 @@ def test_deterministic_ddim_stays_on_the_line_of_its_noise(sched, steps):
     abar = ref_abar()
     x = torch.randn(3, 1, 8, 8, generator=g)
     eps_T = (x.double() - math.sqrt(abar(ts[0])) * x0.double()) / math.sqrt(1 - abar(ts[0]))
-    model = lambda x_t, t, y: sched.predict_eps(x_t, x0.expand_as(x_t), t)  # noqa: E731 - the exact eps
+    model = lambda x_t, t, y: sched.eps_from_x0(x_t, x0.expand_as(x_t), t)  # noqa: E731 - the exact eps
     checked = 0
     for (_, _, x_prev), s in zip(sample_loop(model, sched, x, ts, "ddim", noise=None), ts[1:] + [-1]):
         line = math.sqrt(abar(s)) * x0.double() + math.sqrt(1 - abar(s)) * eps_T
