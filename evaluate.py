@@ -63,6 +63,9 @@ FLOOR_CACHE_FILE = "eval_floor_cache.json"
 FLOOR_VERSION = 3  # part of the floor cache key: bump it when a metric or the floor's images change
 ARCH = {"c1": 32, "c2": 64, "hidden": 128}  # changing it invalidates the cache
 TRAIN = {"epochs": 3, "batch_size": 64, "lr": 2e-3, "seed": 0}
+# A second classifier that judges a conditional model's read-back: another width and seed, the same 45,000
+# images. A guidance weight chosen with the first classifier's readings is checked against this one's.
+JUDGE_FILE, JUDGE_ARCH, JUDGE_TRAIN = "classifier_judge_45k.pt", {"c1": 16, "c2": 48, "hidden": 256}, dict(TRAIN, seed=1)
 FEATURE_BATCH = 1000  # classifier forward passes only, memory is not a concern
 
 
@@ -359,27 +362,44 @@ def round_trips(model, scheduler, s, guide, x, steps_list, autoguidance_list=Non
     return out
 
 
+def repaint_settings(text):
+    """--repaint's "25:1:1,25:5:3:noisy_end" as [(25, 1, 1), (25, 5, 3, "noisy_end")]."""
+    settings = []
+    for run in filter(None, text.split(",")):
+        parts = run.split(":")
+        try:
+            setting = tuple(int(v) for v in parts[:3])
+        except ValueError:
+            setting = ()
+        if len(setting) != 3 or len(parts) > 4 or min(setting) < 1 or parts[3:] and parts[3] not in editing.JUMP_POINTS:
+            raise argparse.ArgumentTypeError(f"{run!r} is not STEPS:JUMPS:RESAMPLE[:{'|'.join(editing.JUMP_POINTS)}] "
+                                             "with positive integers")
+        settings.append(setting + tuple(parts[3:]))
+    return settings
+
+
 def measure_editing(ckpt, data_root, num_images=300, mask="bottom", seed=0, settings=((25, 1, 1), (25, 5, 3)),
                     baselines=True, round_trip_steps=(20, 50, 200), round_trip_images=64,
-                    round_trip_autoguidance=None, completions=1, device="cpu", log=print):
-    """How often the classifier reads back the true digit of the first num_images MNIST test images
-    once the mask's hole is filled: by the baseline_fills (if baselines) and by RePaint with each
-    (steps, jumps, resample) of settings; then the round_trips of the first round_trip_images at each
+                    round_trip_autoguidance=None, completions=1, split="test", device="cpu", log=print):
+    """How often the classifier reads back the true digit of the first num_images images of `split`
+    ("val" to tune, "test" for final numbers) once the mask's hole is filled: by the baseline_fills
+    (if baselines) and by RePaint with each
+    (steps, jumps, resample[, schedule]) of settings; then the round_trips of the first round_trip_images at each
     of round_trip_steps and round_trip_autoguidance (default: 1 and the checkpoint's).
 
     Sampling follows the checkpoint's sample section (sampler, eta, guidance, autoguidance); a
     conditional model gets no label (the null class), so that the digit is read from the known part
     alone. With completions > 1 each image gets that many, and the RePaint rows add the share of
-    images whose most frequent reading is right. Returns {"classifier_val_acc", "num_images", "mask",
+    images whose most frequent reading is right. Returns {"classifier_val_acc", "num_images", "split", "mask",
     "rows": {name: {"read_back", "hole_abs_err", "seconds"[, "network_steps", "majority"]}},
     "round_trip": round_trips(...)}."""
     model, scheduler, cfg = load_model(ckpt, device)
     s = cfg["sample"]
     guide = load_guide(ckpt, s["autoguidance"], device)
-    d = partition(data_root, "test")
+    d = partition(data_root, split)
     clf, acc = get_classifier(os.path.join(data_root, CLASSIFIER_FILE), d["fit_x"], d["fit_y"],
                               d["val_x"], d["val_y"], device=device, log=log, **TRAIN)
-    images, labels = d["ref_x"][:num_images], d["ref_y"][:num_images]  # the first test images
+    images, labels = d["ref_x"][:num_images], d["ref_y"][:num_images]  # the split's first images
     keep = editing.make_mask(mask, model.image_size, model.in_channels, seed)
     hole = keep.expand_as(images) < 0.5
 
@@ -391,23 +411,25 @@ def measure_editing(ckpt, data_root, num_images=300, mask="bottom", seed=0, sett
         err = (x.reshape(-1, per_image, *x.shape[1:]) - images[:, None]).abs()
         return err[hole[:, None].expand_as(err)].mean().item()
 
-    res = {"classifier_val_acc": acc, "num_images": len(images), "mask": mask, "rows": {}}
+    res = {"classifier_val_acc": acc, "num_images": len(images), "split": split, "mask": mask, "rows": {}}
     for name, x in baseline_fills(images, keep, d["train_x"], seed).items() if baselines else ():
         res["rows"][name] = {"read_back": read_back(x)[0], "hole_abs_err": hole_error(x), "seconds": 0.0}
         log(f"{name}: read back {res['rows'][name]['read_back']:.3f}")
-    for steps, jumps, resample in settings:
+    for steps, jumps, resample, *schedule in settings:
+        schedule = schedule[0] if schedule else "clean_end"
         t0 = time.time()
         out = editing.inpaint(model, scheduler, images, keep, completions=completions, seed=seed, sampler=s["sampler"],
-                              steps=steps, eta=s["eta"], jumps=jumps, resample=resample, labels=None,
+                              steps=steps, eta=s["eta"], jumps=jumps, resample=resample, schedule=schedule, labels=None,
                               guidance=s["guidance"], guide=guide, autoguidance=s["autoguidance"],
                               batch_size=s["batch_size"], device=device)
         check_known_pixels_kept(out, images, hole)
         out = out.flatten(0, 1)
         each, majority = read_back(out, completions)
-        name = f"RePaint, {s['sampler']} {steps} steps" + (f", jumps {jumps}, resample {resample}"
+        name = f"RePaint, {s['sampler']} {steps} steps" + (f", jumps {jumps}, resample {resample}, {schedule}"
                                                             if resample > 1 else ", no resampling")
         res["rows"][name] = {"read_back": each, "hole_abs_err": hole_error(out, completions),
-                             "seconds": time.time() - t0, "network_steps": editing.network_steps(steps, jumps, resample)}
+                             "seconds": time.time() - t0,
+                             "network_steps": editing.network_steps(steps, jumps, resample, schedule)}
         if completions > 1:
             res["rows"][name]["majority"] = majority
         log(f"{name}: read back {res['rows'][name]['read_back']:.3f} ({res['rows'][name]['seconds']:.0f} s)")
@@ -418,7 +440,7 @@ def measure_editing(ckpt, data_root, num_images=300, mask="bottom", seed=0, sett
 
 def print_editing(res):
     """measure_editing's result as two markdown tables."""
-    print(f"\n{res['num_images']} MNIST test images, mask {res['mask']} (classifier held-out accuracy "
+    print(f"\n{res['num_images']} MNIST {res['split']} images, mask {res['mask']} (classifier held-out accuracy "
           f"{res['classifier_val_acc']:.4f})\n\n| fill | read back as the true digit | mean abs error in the hole "
           f"| time |\n|---|---|---|---|")
     for name, r in res["rows"].items():
@@ -494,8 +516,18 @@ def sample_from_checkpoint(args, guidance=None):
     return images, labels
 
 
+def judge_read_back(images, labels, data_root, device="cpu", log=print):
+    """(judge's held-out accuracy, per digit 0-9 the share of images the judge reads as their label)."""
+    d = partition(data_root, "test")
+    judge, acc = get_classifier(os.path.join(data_root, JUDGE_FILE), d["fit_x"], d["fit_y"], d["val_x"], d["val_y"],
+                                arch=JUDGE_ARCH, device=device, log=log, **JUDGE_TRAIN)
+    hits = (classifier_outputs(judge, images, device)[1].argmax(1).cpu() == labels.cpu()).float()
+    return acc, [hits[labels.cpu() == digit].mean().item() for digit in range(10)]
+
+
 def guidance_sweep(args, weights):
-    """Quality against accuracy over guidance weights w (conditional checkpoints)."""
+    """Quality against read-back over guidance weights w (conditional checkpoints): FID and the
+    asked-for digit read back by the evaluation classifier, and per digit by the judge."""
     rows = []
     for w in weights:
         images, labels = sample_from_checkpoint(args, w)
@@ -503,11 +535,13 @@ def guidance_sweep(args, weights):
             raise ConfigError("--guidance_sweep needs a conditional checkpoint (model.num_classes > 0)")
         r = evaluate_images(images, args.data, seed=args.seed, device=args.device, labels=labels,
                             split=args.split)["samples"]
-        rows.append({"guidance": w, **{k: r[k] for k in ["fid", "label_accuracy", "frac_confident", "precision",
-                                                          "recall"]}})
+        judge_acc, judged = judge_read_back(images, labels, args.data, args.device)
+        rows.append({"guidance": w, **{k: r[k] for k in ["fid", "label_accuracy", "per_digit_accuracy",
+                                                          "frac_confident", "precision", "recall"]},
+                     "judge_val_acc": judge_acc, "judge_per_digit": judged})
         print(f"w = {w:g}: FID {r['fid']:.4g}, asked-for digit read back {r['label_accuracy']:.3f}, "
               f"confidence > {CONFIDENT} {r['frac_confident']:.3f}, precision {r['precision']:.3f}, "
-              f"recall {r['recall']:.3f}")
+              f"recall {r['recall']:.3f}; the judge reads per digit 0-9: " + " ".join(f"{a:.2f}" for a in judged))
     return rows
 
 
@@ -573,13 +607,14 @@ def parse_args(argv=None):
                           "given its true label)")
     ed = parser.add_argument_group(
         "inpainting read back (editing.py)",
-        "--inpaint_eval N fills the --mask region of the first N test images with RePaint for each --repaint "
+        "--inpaint_eval N fills the --mask region of the first N images of --split with RePaint for each --repaint "
         "setting and reports how often the classifier reads back the true digit, beside nearest-training-image, "
         "noise and black fills, then the DDIM encode-decode error at --round_trip_steps (64 images).")
-    ed.add_argument("--inpaint_eval", type=int, metavar="N", help="test images to inpaint and read back")
+    ed.add_argument("--inpaint_eval", type=int, metavar="N", help="images of --split to inpaint and read back")
     ed.add_argument("--mask", default="bottom", help="top, bottom, left, right, center or random[:P] (default: %(default)s)")
-    ed.add_argument("--repaint", default="25:1:1,25:5:3", metavar="STEPS:J:R,...",
-                    help="RePaint runs as steps:jumps:resample (resample 1 = none) (default: %(default)s)")
+    ed.add_argument("--repaint", type=repaint_settings, default="25:1:1,25:5:3", metavar="STEPS:J:R[:SCHEDULE],...",
+                    help="RePaint runs as steps:jumps:resample (resample 1 = none), optionally :clean_end (the "
+                         "paper's jump schedule, the default) or :noisy_end (default: %(default)s)")
     ed.add_argument("--completions", type=int, default=1, help="completions per image; > 1 adds a majority vote")
     ed.add_argument("--round_trip_steps", default="20,50,200", help="DDIM steps of the round trips (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -623,7 +658,7 @@ def run(args):
     if args.inpaint_eval:  # an inpainting and round-trip measurement instead of sample metrics
         print_editing(measure_editing(
             args.ckpt, args.data, args.inpaint_eval, args.mask, args.seed, completions=args.completions,
-            settings=[tuple(int(v) for v in run.split(":")) for run in args.repaint.split(",") if run],
+            settings=args.repaint, split=args.split,
             round_trip_steps=[int(v) for v in args.round_trip_steps.split(",") if v], device=args.device))
         return
 
@@ -647,6 +682,10 @@ def run(args):
 
     result = evaluate_images(images, args.data, seed=args.seed, device=args.device, labels=labels, split=args.split)
     print(format_table(result))
+    if labels is not None:
+        judge_acc, judged = judge_read_back(images, labels, args.data, args.device)
+        result["judge"] = {"val_acc": judge_acc, "per_digit_accuracy": judged}
+        print("the judge (a second classifier) reads per digit 0-9: " + " ".join(f"{a:.3f}" for a in judged))
     if args.guidance_sweep:
         result["guidance_sweep"] = guidance_sweep(args, args.guidance_sweep)
     result["settings"] = {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()}

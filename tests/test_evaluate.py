@@ -16,7 +16,7 @@ import editing
 import evaluate as E
 import metrics as M
 from configuration import DEFAULTS, merge
-from conftest import TINY as TINY_DDPM
+from conftest import TINY as TINY_DDPM, randomised
 from fileio import build, save_checkpoint
 from mnist import MNIST
 
@@ -388,12 +388,13 @@ def test_nearest_fill_takes_the_hole_of_the_training_image_nearest_on_the_known_
 
 def test_measure_editing_rows_and_baselines(tmp_path, mnist_root):
     ckpt = tiny_checkpoint(tmp_path)
-    res = E.measure_editing(ckpt, mnist_root, num_images=6, settings=((3, 1, 1), (4, 2, 2)), round_trip_steps=(4,),
-                            round_trip_images=3, completions=2, log=quiet)
+    res = E.measure_editing(ckpt, mnist_root, num_images=6, settings=((3, 1, 1), (4, 2, 2), (4, 2, 2, "noisy_end")),
+                            round_trip_steps=(4,), round_trip_images=3, completions=2, split="val", log=quiet)
     baselines = ["original (upper bound)", "hole left black (background)", "noise fill",
                  "nearest training image on the known half"]
     repaint = {"RePaint, ddpm 3 steps, no resampling": (3, 1, 1),
-               "RePaint, ddpm 4 steps, jumps 2, resample 2": (4, 2, 2)}
+               "RePaint, ddpm 4 steps, jumps 2, resample 2, clean_end": (4, 2, 2),
+               "RePaint, ddpm 4 steps, jumps 2, resample 2, noisy_end": (4, 2, 2, "noisy_end")}
     assert list(res["rows"]) == baselines + list(repaint) and list(res["round_trip"]) == ["4 steps, autoguidance 1"]
     assert res["num_images"] == 6 and res["mask"] == "bottom"
     for r in res["rows"].values():
@@ -405,8 +406,8 @@ def test_measure_editing_rows_and_baselines(tmp_path, mnist_root):
         assert 0 <= r["mean_abs"] <= r["max_abs"] <= 2
 
     clf, acc = E.load_classifier(os.path.join(mnist_root, E.CLASSIFIER_FILE), E.ARCH)  # trained and cached by the run
-    test = MNIST(mnist_root, "test")
-    images, labels = E.to_float(test.images[:6]), test.labels[:6]
+    val = MNIST(mnist_root, "val")  # the split asked for, not the test images
+    images, labels = E.to_float(val.images[:6]), val.labels[:6]
     hole = editing.make_mask("bottom").expand_as(images) < 0.5
     original, black = res["rows"]["original (upper bound)"], res["rows"]["hole left black (background)"]
     assert res["classifier_val_acc"] == pytest.approx(acc)
@@ -437,3 +438,30 @@ def test_inpaint_eval_cli_prints_both_tables(tmp_path, mnist_root, capsys):
     for row in ["| original (upper bound) |", "| nearest training image on the known half |",
                 "| RePaint, ddpm 2 steps, no resampling |", "| 3 steps, autoguidance 1 |"]:
         assert row in out
+
+
+# --- asking for a digit: the judge -------------------------------------------
+
+def test_a_conditional_evaluation_reports_what_a_second_classifier_reads_per_digit(tmp_path, mnist_root):
+    cfg = merge(DEFAULTS, {"model": dict(TINY_DDPM["model"], num_classes=10), "diffusion": {"num_timesteps": 20}})
+    torch.manual_seed(0)
+    model = randomised(build(cfg)[0])
+    ckpt = str(tmp_path / "cond" / "last.pt")
+    save_checkpoint(ckpt, {"model": model.state_dict(), "ema": model.state_dict(), "optimizer": {}, "step": 0,
+                           "config": cfg})
+    E.main(["--ckpt", ckpt, "--num_samples", "20", "--steps", "3", "--guidance_sweep", "0,2", "--data", mnist_root,
+            "--verify_data", "false", "--device", "cpu"])
+    (name,) = [f for f in os.listdir(tmp_path / "cond") if f.startswith("eval_")]
+    result = json.load(open(tmp_path / "cond" / name))
+    assert [row["guidance"] for row in result["guidance_sweep"]] == [0.0, 2.0]
+
+    # the judge is its own classifier (another width and seed), cached beside the first one
+    judge, acc = E.load_classifier(os.path.join(mnist_root, E.JUDGE_FILE), E.JUDGE_ARCH)
+    first, _ = E.load_classifier(os.path.join(mnist_root, E.CLASSIFIER_FILE), E.ARCH)
+    assert judge.fc1.out_features != first.fc1.out_features and result["judge"]["val_acc"] == pytest.approx(acc)
+    # and its per-digit figures are its readings of the samples asked for each digit (20 samples: 2 per digit)
+    images, labels = E.sample_from_checkpoint(E.parse_args(["--ckpt", ckpt, "--num_samples", "20", "--steps", "3",
+                                                            "--device", "cpu"]), None)
+    read = E.classifier_outputs(judge, images)[1].argmax(1)
+    assert result["judge"]["per_digit_accuracy"] == pytest.approx(
+        [(read[labels == d] == d).float().mean().item() for d in range(10)])
