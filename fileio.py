@@ -71,7 +71,7 @@ def line_plot(series, title, x_label, y_label, log_x=False, size=(760, 480), mar
     for t in ticks:
         x = xy(t, 1.0)[0]
         d.line([(x, height - bottom), (x, height - bottom + 4)], fill="black")
-        d.text((x - 8, height - bottom + 8), f"{t:g}", fill="black", font=font)
+        d.text((x - 8, height - bottom + 8), f"{t:.0f}" if max(xs) - min(xs) >= 10 else f"{t:.3g}", fill="black", font=font)
     d.rectangle([left, top, width - right, height - bottom], outline="black")
     for i, (label, points) in enumerate(series.items()):
         colour, line = PLOT_COLOURS[i % len(PLOT_COLOURS)], [xy(x, y) for x, y in points]
