@@ -262,7 +262,7 @@ def guide_step(t_cfg):
     guide_step if set, else guide_fraction of the steps, but not before guide_min_step, or half the
     run if that is shorter.
     A short run's fraction step is too early to help: its EMA has barely learnt digits, and steering
-    away from it does little (docs/results.md, quality against training steps)."""
+    away from it does little (docs/cpu_recipe.md)."""
     if t_cfg["guide_step"]:
         return t_cfg["guide_step"]
     if not t_cfg["guide_fraction"]:

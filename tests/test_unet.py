@@ -63,7 +63,7 @@ def test_default_config_builds_and_trains_one_step_quickly():
     opt.step()
     assert torch.isfinite(loss)
     assert sum(p.numel() for p in model.parameters()) < 2_000_000
-    # the ten-minute CPU budget is spent in FLOPs: the tuned default costs 0.42 GFLOP per training image;
+    # the ten-minute CPU budget is spent in FLOPs: the default costs 0.28 GFLOP per training image;
     # a default much above that no longer fits its 10 minutes (see docs/cpu_recipe.md)
     assert flops.get_total_flops() / len(x) < 0.5e9
 
