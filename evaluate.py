@@ -516,26 +516,30 @@ def sample_from_checkpoint(args, guidance=None):
     return images, labels
 
 
-def judge_read_back(images, labels, data_root, device="cpu", log=print):
-    """(judge's held-out accuracy, per digit 0-9 the share of images the judge reads as their label)."""
+def load_judge(data_root, device="cpu", log=print):
+    """(the judge classifier, its held-out accuracy): loaded from its cache, or trained and cached."""
     d = partition(data_root, "test")
-    judge, acc = get_classifier(os.path.join(data_root, JUDGE_FILE), d["fit_x"], d["fit_y"], d["val_x"], d["val_y"],
-                                arch=JUDGE_ARCH, device=device, log=log, **JUDGE_TRAIN)
+    return get_classifier(os.path.join(data_root, JUDGE_FILE), d["fit_x"], d["fit_y"], d["val_x"], d["val_y"],
+                          arch=JUDGE_ARCH, device=device, log=log, **JUDGE_TRAIN)
+
+
+def judge_read_back(judge, images, labels, device="cpu"):
+    """Per digit 0-9, the share of images the judge reads as their label."""
     hits = (classifier_outputs(judge, images, device)[1].argmax(1).cpu() == labels.cpu()).float()
-    return acc, [hits[labels.cpu() == digit].mean().item() for digit in range(10)]
+    return [hits[labels.cpu() == digit].mean().item() for digit in range(10)]
 
 
 def guidance_sweep(args, weights):
     """Quality against read-back over guidance weights w (conditional checkpoints): FID and the
     asked-for digit read back by the evaluation classifier, and per digit by the judge."""
-    rows = []
+    rows, (judge, judge_acc) = [], load_judge(args.data, args.device)
     for w in weights:
         images, labels = sample_from_checkpoint(args, w)
         if labels is None:
             raise ConfigError("--guidance_sweep needs a conditional checkpoint (model.num_classes > 0)")
         r = evaluate_images(images, args.data, seed=args.seed, device=args.device, labels=labels,
                             split=args.split)["samples"]
-        judge_acc, judged = judge_read_back(images, labels, args.data, args.device)
+        judged = judge_read_back(judge, images, labels, args.device)
         rows.append({"guidance": w, **{k: r[k] for k in ["fid", "label_accuracy", "per_digit_accuracy",
                                                           "frac_confident", "precision", "recall"]},
                      "judge_val_acc": judge_acc, "judge_per_digit": judged})
@@ -683,7 +687,8 @@ def run(args):
     result = evaluate_images(images, args.data, seed=args.seed, device=args.device, labels=labels, split=args.split)
     print(format_table(result))
     if labels is not None:
-        judge_acc, judged = judge_read_back(images, labels, args.data, args.device)
+        judge, judge_acc = load_judge(args.data, args.device)
+        judged = judge_read_back(judge, images, labels, args.device)
         result["judge"] = {"val_acc": judge_acc, "per_digit_accuracy": judged}
         print("the judge (a second classifier) reads per digit 0-9: " + " ".join(f"{a:.3f}" for a in judged))
     if args.guidance_sweep:
