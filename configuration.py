@@ -60,6 +60,7 @@ SCHEMA = {
         "timestep_sampling": ("uniform", "uniform over 0..T-1, or logit_normal: t/T = sigmoid(N(mean, std))"),
         "logit_normal_mean": (0.0, "logit_normal: mean of the normal"),
         "logit_normal_std": (1.0, "logit_normal: standard deviation of the normal"),
+        "uniform_share": (0.0, "logit_normal: this share of each batch is drawn uniformly over 0..T-1 instead"),
         "stratified_timesteps": (False, "one timestep per 1/batch quantile band of that distribution (VDM)"),
         "cond_drop_prob": (0.1, "conditional models: share of labels replaced by 'no label'"),
         "guide_fraction": (0.0, "> 0: keep the EMA at this share of the steps as the autoguidance guide"),
@@ -96,7 +97,7 @@ NON_NEGATIVE = {("train", k) for k in ["warmup_steps", "weight_decay", "grad_cli
                                        "guide_min_step", "guide_step"]} | {
     ("sample", k) for k in ["steps", "eta", "guidance", "autoguidance"]}
 UNIT_INTERVAL = {"adam_beta2": "[0, 1)", "ema_decay": "[0, 1)", "guide_fraction": "[0, 1) (0 = no guide)",
-                 "cond_drop_prob": "[0, 1]", "min_lr_ratio": "[0, 1]",
+                 "cond_drop_prob": "[0, 1]", "uniform_share": "[0, 1]", "min_lr_ratio": "[0, 1]",
                  "decay_fraction": "[0, 1]"}
 
 

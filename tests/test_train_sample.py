@@ -174,6 +174,22 @@ def test_logit_normal_timesteps_stay_in_range_and_shift_with_the_mean():
     assert uniform.bincount(minlength=1000).min() > 0
 
 
+def test_uniform_share_mixes_that_share_of_uniform_draws_into_a_logit_normal_batch():
+    torch.manual_seed(0)
+    cfg = {"timestep_sampling": "logit_normal", "logit_normal_std": 1.0, "logit_normal_mean": -0.5,
+           "stratified_timesteps": False}
+    # P(t < 50) under the mixture: share * 0.05 + (1 - share) * P(sigmoid(N(-0.5, 1)) < 0.05)
+    p_logit = torch.special.ndtr(torch.logit(torch.tensor(0.05)) + 0.5).item()
+    for share in (0.0, 0.25, 1.0):
+        t = torch.cat([sample_timesteps(64, 1000, {**cfg, "uniform_share": share}, "cpu") for _ in range(400)])
+        assert len(t) == 400 * 64 and 0 <= t.min() and t.max() <= 999
+        expected = share * 0.05 + (1 - share) * p_logit
+        assert abs((t < 50).float().mean().item() - expected) < 0.006
+    # stratified: the uniform part of a batch of 8 at share 1/2 is one draw per quarter
+    t = sample_timesteps(8, 1000, {**cfg, "uniform_share": 0.5, "stratified_timesteps": True}, "cpu")
+    assert sorted((t[:4] // 250).tolist()) == [0, 1, 2, 3]
+
+
 def test_stratified_timesteps_take_one_draw_per_quantile_band_of_the_same_distribution():
     torch.manual_seed(0)
     uniform = {"timestep_sampling": "uniform", "stratified_timesteps": True}
