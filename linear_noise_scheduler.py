@@ -209,8 +209,7 @@ def sample_timesteps(n, num_timesteps, t_cfg, device):
     lognorm = t_cfg["timestep_sampling"] == "logit_normal"
     n_uniform = round(t_cfg.get("uniform_share", 0.0) * n) if lognorm else n
     parts = [(n_uniform, False), (n - n_uniform, lognorm)]
-    t = torch.cat([_draw_timesteps(m, num_timesteps, t_cfg, device, logit) for m, logit in parts if m])
-    return t
+    return torch.cat([_draw_timesteps(m, num_timesteps, t_cfg, device, logit) for m, logit in parts if m])
 
 
 def _draw_timesteps(n, num_timesteps, t_cfg, device, lognorm):
