@@ -25,7 +25,7 @@ from configuration import ConfigError
 from fileio import atomic_write, make_grid, save_image
 from linear_noise_scheduler import timestep_list
 from mnist import MNIST, to_float
-from samplers import SAMPLERS, check_sampling, image_seed, model_eps, randn_per_image, sample_loop
+from samplers import SAMPLERS, check_sampling, image_seed, model_eps, randn_per_image, requested_labels, sample_loop
 
 MASKS = ["top", "bottom", "left", "right", "center", "random"]  # the region to fill in
 
@@ -106,12 +106,13 @@ def load_images(spec, data_root, size=28):
 
 
 def model_labels(model, labels, digit=None):
-    """Labels to condition on: None for an unconditional model; else `digit` for all, or the true
-    label of each image where known and the null class (model.num_classes) where not."""
-    if digit is not None:
-        return torch.full((len(labels),), int(digit))
+    """Labels to condition on: None for an unconditional model; else `digit` (text: "0".."9", or "none"
+    for the null class, model.num_classes) for all, or the true label of each image where known and
+    the null class where not."""
     if not model.num_classes:
         return None
+    if digit is not None:
+        return torch.full((len(labels),), model.num_classes if digit == "none" else int(digit))
     return torch.where(labels >= 0, labels, torch.full_like(labels, model.num_classes))
 
 
@@ -381,9 +382,10 @@ def run(args, model, scheduler, s, steps, guide, device, ckpt_path, data_root):
         raise ConfigError("--interpolate I,J names its two images itself; leave out --images")
     if args.digit is not None and mode not in ("inpaint", "encode"):
         raise ConfigError(f"--digit applies to --inpaint and --encode, not to --{mode}")
-    if args.digit is not None and not model.num_classes:
-        raise ConfigError("this checkpoint is unconditional (model.num_classes = 0): it cannot be asked for a "
-                          "digit; leave out --digit, or train a conditional one with config/conditional.yaml")
+    if args.digit == "any":
+        raise ConfigError("--digit any draws a new digit for each image: editing takes one digit (0-9) or none")
+    if args.digit not in (None, "none"):
+        requested_labels(args.digit, 1, model.num_classes)  # an unconditional model, or no such digit: say so
     data_root = args.data or data_root
     size = model.image_size
     kw = dict(guidance=s["guidance"], guide=guide, autoguidance=s["autoguidance"])

@@ -49,14 +49,14 @@ from torch import nn
 
 import editing
 from configuration import DEVICE_HELP, ConfigError, pick_device, str2bool, with_flags
-from fileio import atomic_write, load_guide, load_model
+from fileio import atomic_write, load_guide, load_label_counts, load_model
 from linear_noise_scheduler import timestep_list
 from metrics import (CONFIDENT, class_histogram, confidence_stats, fid, kid, nearest_train_distance,
                      normalized_entropy, precision_recall)
 from mnist import MNIST
 from mnist import to_float as mnist_to_float
 from mnist_downloader import DownloadError, ensure_mnist_present
-from samplers import SAMPLERS, generate
+from samplers import SAMPLERS, generate, requested_labels
 
 CLASSIFIER_FILE = "classifier_45k.pt"  # trained on the first 45,000 training images only (see partition)
 FLOOR_CACHE_FILE = "eval_floor_cache.json"
@@ -508,7 +508,11 @@ def sample_from_checkpoint(args, guidance=None):
     for key in flags:
         setattr(args, key, s[key])
     args.steps = args.steps or scheduler.num_timesteps
-    labels = torch.arange(args.num_samples) % model.num_classes if model.num_classes else None
+    if args.digit is None:  # each digit in turn, equally often
+        labels = torch.arange(args.num_samples) % model.num_classes if model.num_classes else None
+    else:
+        counts = load_label_counts(args.ckpt, args.data) if args.digit == "any" and model.num_classes else None
+        labels = requested_labels(args.digit, args.num_samples, model.num_classes, counts, args.seed)[0]
     guide = load_guide(args.ckpt, args.autoguidance, args.device)
     images = generate(model, scheduler, args.num_samples, seed=args.seed, batch_size=args.batch_size,
                       sampler=args.sampler, steps=args.steps, eta=args.eta, device=args.device,
@@ -568,6 +572,10 @@ def parse_args(argv=None):
     parser.add_argument("--autoguidance", type=float,
                         help="checkpoints with a guide: autoguidance w, 1 = off (default: the checkpoint's "
                              "sample.autoguidance)")
+    parser.add_argument("--digit", metavar="0-9|any|none",
+                        help="labelled checkpoints: the digits to ask for: one digit; any, drawn from the training "
+                             "labels' frequencies (the model's p(x)); none, the \"no label\" class (default: each "
+                             "digit in turn)")
     parser.add_argument("--guidance_sweep", type=lambda text: [float(w) for w in text.split(",")],
                         metavar="W1,W2,...", help="conditional checkpoints: also score each guidance w")
     parser.add_argument("--num_samples", type=int,
@@ -680,7 +688,8 @@ def run(args):
         eta = f"_eta{args.eta:g}" if args.eta else ""
         ag = f"_ag{args.autoguidance:g}" if args.autoguidance != 1 else ""
         out_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
-                                f"eval_{args.sampler}_{args.steps}{eta}{ag}_{args.num_samples}"
+                                f"eval_{args.sampler}_{args.steps}{eta}{ag}"
+                                f"{f'_digit{args.digit}' if args.digit is not None else ''}_{args.num_samples}"
                                 f"{'_val' if args.split == 'val' else ''}.json")
     t_sampled = time.time()
 

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from configuration import DEFAULTS, ConfigError, guide_step, merge
 from linear_noise_scheduler import LinearNoiseScheduler
-from mnist import to_uint8
+from mnist import MNIST, to_uint8
 from mnist_downloader import atomic_write, fsync_dir  # noqa: F401 (atomic_write is used from here)
 from unet import UNet
 
@@ -139,6 +139,16 @@ def load_model(ckpt_path, device="cpu", weights="ema"):
         raise ConfigError(f"{ckpt_path}: its {weights} weights do not fit its own model config "
                           f"({str(e).splitlines()[0]})") from None
     return model.eval(), scheduler, cfg
+
+
+def load_label_counts(ckpt_path, data_root):
+    """How often each label occurs in the training split of a labelled checkpoint (train.py saves it),
+    for sampling p(x) = sum_y p(y) p(x | y); a checkpoint saved without it has them counted from the
+    training split at data_root."""
+    counts = load_checkpoint(ckpt_path).get("label_counts")
+    if counts is None:
+        counts = torch.bincount(MNIST(data_root, "train").labels)
+    return counts
 
 
 def load_guide(ckpt_path, autoguidance, device="cpu"):

@@ -19,9 +19,9 @@ import torch
 
 import editing
 from configuration import DEVICE_HELP, load_config, merge, pick_device, run_cli, str2bool, with_flags
-from fileio import load_guide, load_model, make_grid, save_image
+from fileio import load_guide, load_label_counts, load_model, make_grid, save_image
 from linear_noise_scheduler import timestep_list
-from samplers import SAMPLERS, digit_rows, generate
+from samplers import SAMPLERS, generate, requested_labels
 
 
 def evenly(n, k):
@@ -55,8 +55,11 @@ def parse_args(argv):
     p.add_argument("--num_samples", type=int, help="default: sample.num_samples")
     p.add_argument("--batch_size", type=int, help="default: sample.batch_size")
     p.add_argument("--seed", type=int, help="default: sample.seed")
-    p.add_argument("--digit", type=int, choices=range(10), metavar="0-9",
-                   help="conditional models: the digit to draw (default: one row per digit)")
+    p.add_argument("--digit", metavar="0-9|any|none",
+                   help="labelled models: the digit to draw; any: each image's digit drawn from the training "
+                        "labels' frequencies, then drawn as the config samples it (a sample of the model's p(x)); "
+                        "none: the \"no label\" class, unguided by labels (default: one row per digit; an "
+                        "unconditional model draws its p(x) with or without any/none)")
     p.add_argument("--guidance", type=float, help="conditional models: classifier-free guidance w, "
                                                   "eps_u + w (eps_c - eps_u); 1 = plain conditional "
                                                   "(default: sample.guidance)")
@@ -105,18 +108,17 @@ def main(argv=None):
     steps = s["steps"] or scheduler.num_timesteps
     if editing.requested(args):  # --inpaint, --encode, --interpolate, --every_digit: editing.py
         return editing.run(args, model, scheduler, s, steps, guide, device, ckpt_path, cfg["data"]["root"])
-    labels, nrow = None, None
-    if args.digit is not None:  # generate() refuses it for an unconditional model
-        labels = torch.full((s["num_samples"],), args.digit)
-    elif model.num_classes:
-        labels, nrow = digit_rows(s["num_samples"], model.num_classes)
+    counts = load_label_counts(ckpt_path, cfg["data"]["root"]) if args.digit == "any" and model.num_classes else None
+    labels, nrow = requested_labels(args.digit, s["num_samples"], model.num_classes, counts, s["seed"])
     images, frames = generate(model, scheduler, len(labels) if labels is not None else s["num_samples"],
                               seed=s["seed"], batch_size=s["batch_size"], sampler=s["sampler"], steps=steps,
                               eta=s["eta"], device=device, labels=labels, guidance=s["guidance"], guide=guide,
                               autoguidance=s["autoguidance"], return_frames=True)
     tag = f"{s['sampler']}_{steps}".replace("+", "p") + (f"_ag{s['autoguidance']:g}" if guide else "")
     if labels is not None:
-        tag += f"_w{s['guidance']:g}" + (f"_digit{args.digit}" if args.digit is not None else "")
+        tag += f"_w{s['guidance']:g}"
+    if args.digit is not None and model.num_classes:
+        tag += f"_digit{args.digit}"
     grid_path = args.out or os.path.join(os.path.dirname(ckpt_path), f"samples_{tag}.png")
     nrow = nrow or (min(8, len(images)) if len(images) < 64 else int(len(images) ** 0.5))
     save_image(make_grid(images, nrow=nrow), grid_path)

@@ -138,3 +138,37 @@ def digit_rows(num_samples, num_classes=10):
     """Labels for a grid with one row per digit: (labels, images per row)."""
     per_row = max(1, num_samples // num_classes)
     return torch.arange(num_classes).repeat_interleave(per_row), per_row
+
+
+def draw_labels(label_counts, num_samples, seed=0):
+    """num_samples labels drawn from the label frequencies label_counts (num_classes,), label i from a
+    generator of its own (seeded by (seed, i), apart from image i's noise): generate() with them is an
+    exact sample of a labelled model's p(x) = sum_y p(y) p(x | y), and image i's label and noise still
+    depend only on seed and i."""
+    probs = label_counts.double() / label_counts.sum()
+    gens = [torch.Generator().manual_seed(image_seed(f"{seed}/labels", i)) for i in range(num_samples)]
+    return torch.cat([torch.multinomial(probs, 1, generator=g) for g in gens])
+
+
+def requested_labels(digit, num_samples, num_classes, label_counts=None, seed=0):
+    """(labels or None, images per grid row or None) for sample.py's and evaluate.py's --digit (text):
+    None: one row per digit of a labelled model; "0".."9": that digit; "any": digits drawn from the
+    training labels' frequencies label_counts (draw_labels); "none": the "no label" class (labels
+    None, which a labelled UNet reads as its null class). An unconditional model takes None, "any"
+    or "none", each of which means its p(x)."""
+    if digit is None:
+        return digit_rows(num_samples, num_classes) if num_classes else (None, None)
+    if digit not in ("any", "none") and not digit.isdigit():
+        raise ConfigError(f"--digit takes a digit such as 7, any or none, got {digit!r}")
+    if digit == "none" or digit == "any" and not num_classes:
+        return None, None
+    if digit == "any":
+        if label_counts is None:
+            raise ConfigError("--digit any needs the training labels' frequencies; this checkpoint holds none")
+        return draw_labels(label_counts, num_samples, seed), None
+    if not num_classes:
+        raise ConfigError("this checkpoint is unconditional (model.num_classes = 0): it cannot be asked "
+                          "for a digit; leave out --digit, or train a labelled model (config/default.yaml)")
+    if int(digit) >= num_classes:
+        raise ConfigError(f"--digit takes 0-{num_classes - 1}, any or none, got {digit!r}")
+    return torch.full((num_samples,), int(digit)), None

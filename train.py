@@ -60,7 +60,8 @@ def train(cfg, val=False, device=torch.device("cpu"), ckpt=None, mirrors=None, s
         if device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], device)
     validator = Validator(cfg["data"]["root"], t_cfg["val_samples"], T, device, rank, world) if val else None
-    run = Run(cfg, runner, scheduler, device, validator, step, resumed=ckpt is not None)
+    counts = torch.bincount(labels.cpu(), minlength=model.num_classes) if model.num_classes else None
+    run = Run(cfg, runner, scheduler, device, validator, step, resumed=ckpt is not None, label_counts=counts)
     planner = None
     if ckpt is None and parse_duration(t_cfg["time_budget"]):  # then plan the step count, and re-plan it as we go
         planner = BudgetPlanner(t_cfg, started or time.monotonic(), *time_step_and_evaluation(run, images, labels, shard),

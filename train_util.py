@@ -517,10 +517,12 @@ def clear_outputs(out_dir, fresh):
 
 class Run:
     """One training run's outputs in train.out_dir, written by rank 0: config.yaml, log.csv,
-    val.csv, samples/step_*.png, last.pt and best.pt. It also holds what they are made from."""
+    val.csv, samples/step_*.png, last.pt and best.pt. It also holds what they are made from
+    (label_counts: of the training labels, for a labelled model)."""
 
-    def __init__(self, cfg, runner, scheduler, device, validator=None, step=0, resumed=False):
+    def __init__(self, cfg, runner, scheduler, device, validator=None, step=0, resumed=False, label_counts=None):
         self.cfg, self.runner, self.scheduler, self.device, self.validator = cfg, runner, scheduler, device, validator
+        self.label_counts = label_counts  # of the training labels: saved, so that a sampler can draw p(y)
         self.out_dir = cfg["train"]["out_dir"]
         self.lead = rank_and_world()[0] == 0
         self.last_path = os.path.join(self.out_dir, "last.pt")
@@ -576,7 +578,7 @@ class Run:
         rng = {"torch": torch.get_rng_state(),
                "cuda": [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else []}
         save_checkpoint(path, {**self.runner.state(), "step": step, "best_val": best_val, "rng": rng,
-                               "config": self.cfg, "guide": guide_state})
+                               "config": self.cfg, "guide": guide_state, "label_counts": self.label_counts})
 
     def validate_and_save(self, step, best_val, guide_state):
         """Validation loss (every rank: it is reduced across them), then rank 0's grid, loss.png and checkpoints.

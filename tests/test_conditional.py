@@ -2,18 +2,20 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 import sample
 import train
 import train_util
-from conftest import randomised
+from conftest import randomised, synthetic_digits
 from configuration import ConfigError, load_config
-from fileio import build
+from fileio import build, load_model
 from linear_noise_scheduler import guided_eps
-from samplers import generate, guided_output
+from samplers import draw_labels, generate, guided_output, requested_labels
 
 
 def test_guidance_weights_one_and_zero():
@@ -86,3 +88,63 @@ def test_conditional_samples_are_reproducible(tiny_config):
     a = generate(model, scheduler, 5, batch_size=5, labels=labels, **kw)
     b = generate(model, scheduler, 5, batch_size=2, labels=labels, **kw)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_drawn_labels_follow_the_frequencies_and_depend_only_on_seed_and_index():
+    counts = torch.tensor([1, 0, 3, 0, 0, 0, 0, 0, 0, 6])
+    labels = draw_labels(counts, 20000, seed=4)
+    share = torch.bincount(labels, minlength=10).double() / len(labels)
+    assert torch.allclose(share, counts.double() / 10, atol=0.015)  # 3 standard errors at 20,000 draws
+    assert torch.equal(draw_labels(counts, 7, seed=4), labels[:7])  # label i does not depend on how many
+    assert not torch.equal(draw_labels(counts, 200, seed=5), labels[:200])
+
+
+def labelled_run(tiny_config, tmp_path):
+    cfg = yaml.safe_load(open(tiny_config))
+    cfg["model"]["num_classes"] = 10
+    path = tmp_path / "labelled.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    train.main(["--config", str(path)])
+    return str(path), cfg["train"]["out_dir"]
+
+
+def test_any_digit_samples_the_training_label_mix_and_none_the_null_class(tiny_config, tmp_path, mnist_root):
+    path, out = labelled_run(tiny_config, tmp_path)
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    train_labels = synthetic_digits(256, 0)[1][:256 - 256 // 12]  # the training split: all but the last twelfth
+    assert ckpt["label_counts"].tolist() == np.bincount(train_labels, minlength=10).tolist()
+
+    model, scheduler, _ = load_model(os.path.join(out, "last.pt"))
+    asked = []
+    model.register_forward_hook(lambda m, args, o: asked.append(args[2]))
+    kw = dict(seed=3, sampler="ddim", steps=2, progress=False)
+    labels, _ = requested_labels("any", 40, 10, ckpt["label_counts"], seed=3)
+    assert torch.equal(labels, draw_labels(ckpt["label_counts"], 40, seed=3))
+    generate(model, scheduler, 40, labels=labels, batch_size=40, **kw)
+    assert torch.equal(asked[0], labels)  # the network is asked for the drawn digits
+    asked.clear()
+    none, _ = requested_labels("none", 40, 10, seed=3)
+    generate(model, scheduler, 4, labels=none, **kw)
+    assert none is None and asked[0] is None  # the UNet reads no labels as its "no label" class
+
+    for digit, name in [("any", "samples_ddim_4_w1_digitany.png"), ("none", "samples_ddim_4_digitnone.png")]:
+        sample.main(["--config", path, "--digit", digit, "--num_samples", "5", "--save_images",
+                     str(tmp_path / digit)])
+        assert os.path.exists(os.path.join(out, name))  # no guidance weight in the name without labels
+    sample.main(["--config", path, "--digit", "any", "--num_samples", "2", "--save_images", str(tmp_path / "two")])
+    for i in range(2):  # image i depends only on the seed and i, its drawn digit included
+        assert np.array_equal(np.array(Image.open(tmp_path / "two" / f"{i:05d}.png")),
+                              np.array(Image.open(tmp_path / "any" / f"{i:05d}.png")))
+
+
+def test_digit_requests_a_model_cannot_serve_are_refused(tiny_config, tmp_path):
+    assert requested_labels("any", 5, 0) == (None, None)  # an unconditional model: its p(x) either way
+    assert requested_labels("none", 5, 0) == (None, None)
+    for digit, msg in [("3", "unconditional"), ("seven", "a digit such as 7, any or none")]:
+        with pytest.raises(ConfigError, match=msg):
+            requested_labels(digit, 5, 0)
+    for digit, msg in [("10", "0-9, any or none"), ("-1", "a digit such as 7"), ("seven", "a digit such as 7")]:
+        with pytest.raises(ConfigError, match=msg):
+            requested_labels(digit, 5, 10)
+    with pytest.raises(ConfigError, match="frequencies"):
+        requested_labels("any", 5, 10, None)

@@ -272,6 +272,16 @@ def test_inpainting_asks_a_conditional_model_for_a_digit(tiny_config):
     assert torch.equal(three[:, 0, :, :14], images[:, :, :14]) and not torch.allclose(three, five, atol=1e-3)
 
 
+def test_editing_asks_for_the_digit_given_or_the_no_label_class(tiny_config):
+    model, _ = tiny_model(tiny_config, "model.num_classes=10")
+    known = torch.tensor([4, -1])  # a test digit's true label, and a PNG's unknown one
+    assert editing.model_labels(model, known).tolist() == [4, 10]
+    assert editing.model_labels(model, known, "7").tolist() == [7, 7]
+    assert editing.model_labels(model, known, "none").tolist() == [10, 10]  # the null class, whatever the image
+    unconditional, _ = tiny_model(tiny_config)
+    assert editing.model_labels(unconditional, known, "none") is None
+
+
 # ---------------------------------------------------------------- errors
 
 def test_bad_inputs_are_one_line_config_errors(tiny_config, tmp_path, mnist_root):
@@ -291,6 +301,7 @@ def test_bad_inputs_are_one_line_config_errors(tiny_config, tmp_path, mnist_root
     train.main(["--config", tiny_config])  # an unconditional checkpoint
     base = ["--config", tiny_config, "--data", mnist_root]
     cli = [(["--inpaint", "--digit", "3"], "unconditional"), (["--encode", "--digit", "3"], "unconditional"),
+           (["--inpaint", "--digit", "any"], "editing takes one digit"),
            (["--every_digit"], "conditional checkpoint"),
            (["--inpaint", "--mask", str(tmp_path / "big.png")], "32x32"),
            (["--inpaint", "--mask", "nose"], "unknown mask"),
